@@ -1,0 +1,322 @@
+"""Event contracts: one envelope, one model per event.
+
+Every event travels as JSON with the envelope fields (``event_id``, ``event_type``,
+``schema_version``, ``occurred_at``, ``tenant_id``) next to its own fields. The
+Kafka key is the lead id (for ``leads``: the lead's external id or email), so one
+lead's events stay in order on one partition.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+)
+
+from schemas import topics
+
+TenantId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """The envelope every event shares."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    event_type: str
+    schema_version: int = 1
+    occurred_at: AwareDatetime = Field(default_factory=_utcnow)
+    tenant_id: TenantId = "default"
+
+    def kafka_key(self) -> bytes:
+        """The partitioning key: the lead this event is about."""
+        lead_id = getattr(self, "lead_id", None)
+        return str(lead_id).encode() if lead_id is not None else str(self.event_id).encode()
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+# --------------------------------------------------------------------------- leads
+
+
+class LeadData(BaseModel):
+    """A lead as upstream systems describe it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
+
+    email: str = Field(min_length=3, max_length=320)
+    external_id: str | None = Field(default=None, max_length=200)
+    first_name: str | None = Field(default=None, max_length=200)
+    last_name: str | None = Field(default=None, max_length=200)
+    company: str | None = Field(default=None, max_length=300)
+    title: str | None = Field(default=None, max_length=300)
+    timezone: str | None = Field(default=None, max_length=64)
+    country: str | None = Field(default=None, max_length=2)
+    grade: str | None = Field(default=None, max_length=16)
+    score: float | None = None
+    source: str | None = Field(default=None, max_length=100)
+    tags: list[str] = Field(default_factory=list)
+    custom_fields: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+    @field_validator("first_name", "last_name", "company", "title", "external_id", "source")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class LeadReceived(Event):
+    """Upstream says: here is a lead (topic ``leads``)."""
+
+    event_type: Literal["LeadReceived"] = "LeadReceived"
+    lead: LeadData
+    sequence: str | None = Field(default=None, max_length=100)
+
+    def kafka_key(self) -> bytes:
+        return (self.lead.external_id or self.lead.email).encode()
+
+
+class LeadSnapshot(BaseModel):
+    """What downstream services need to know about a lead to act on it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    email: str
+    external_id: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    company: str | None = None
+    title: str | None = None
+    timezone: str | None = None
+    country: str | None = None
+    custom_fields: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+class LeadRouted(Event):
+    """The router chose a sequence for a lead (topic ``lead-routed``)."""
+
+    event_type: Literal["LeadRouted"] = "LeadRouted"
+    lead_id: uuid.UUID
+    lead: LeadSnapshot
+    sequence: str
+    routing_reason: str
+
+
+# ------------------------------------------------------------------------- nurture
+
+
+class RenderedMessage(BaseModel):
+    """A fully rendered email: the sender never renders templates."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    to_email: str
+    to_name: str | None = None
+    subject: str
+    text: str
+    html: str | None = None
+
+
+class StepDue(Event):
+    """An email step is due: send it (topic ``step-due``)."""
+
+    event_type: Literal["StepDue"] = "StepDue"
+    lead_id: uuid.UUID
+    enrollment_id: uuid.UUID
+    sequence_id: uuid.UUID
+    sequence_key: str
+    sequence_version: int
+    step_id: uuid.UUID
+    step_index: int
+    variant: str | None = None
+    delivery_key: str = Field(min_length=1, max_length=200)
+    #: The delivery key of the first email of the enrollment; follow-ups thread to it.
+    thread_delivery_key: str | None = None
+    due_at: AwareDatetime
+    message: RenderedMessage
+    tracking: bool = True
+
+
+# -------------------------------------------------------------------------- sender
+
+
+class EmailSent(Event):
+    """An SMTP server or provider accepted the message (topic ``email-sent``)."""
+
+    event_type: Literal["EmailSent"] = "EmailSent"
+    lead_id: uuid.UUID
+    enrollment_id: uuid.UUID
+    sequence_id: uuid.UUID
+    sequence_key: str
+    sequence_version: int
+    step_id: uuid.UUID
+    step_index: int
+    variant: str | None = None
+    delivery_key: str
+    message_id: str
+    to_email: str
+    from_email: str
+    subject: str
+    sent_at: AwareDatetime
+    links: list[str] = Field(default_factory=list)
+    #: The process died between the server's acceptance and the commit: the
+    #: message was most probably sent, but that is not certain.
+    uncertain: bool = False
+
+
+class FailureKind(StrEnum):
+    PERMANENT = "permanent"  # the server rejected it for good (5xx)
+    INVALID = "invalid"  # the message could not be built (bad address, header injection)
+    SUPPRESSED = "suppressed"  # the recipient is on the suppression list
+    CANCELLED = "cancelled"  # the enrollment stopped before the send
+
+
+class EmailFailed(Event):
+    """The message will not be sent (topic ``email-sent``)."""
+
+    event_type: Literal["EmailFailed"] = "EmailFailed"
+    lead_id: uuid.UUID
+    enrollment_id: uuid.UUID
+    sequence_id: uuid.UUID
+    step_id: uuid.UUID
+    step_index: int
+    delivery_key: str
+    to_email: str
+    failure: FailureKind
+    reason: str
+    smtp_code: int | None = None
+
+
+# ------------------------------------------------------------------------- tracker
+
+
+class EngagementType(StrEnum):
+    DELIVERED = "delivered"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    REPLIED = "replied"
+    BOUNCED = "bounced"
+    UNSUBSCRIBED = "unsubscribed"
+    COMPLAINED = "complained"
+
+
+class BounceType(StrEnum):
+    HARD = "hard"
+    SOFT = "soft"
+    POLICY = "policy"
+
+
+class EngagementReceived(Event):
+    """The recipient did something with a message we sent (topic ``engagement``)."""
+
+    event_type: Literal["EngagementReceived"] = "EngagementReceived"
+    engagement_type: EngagementType
+    lead_id: uuid.UUID
+    enrollment_id: uuid.UUID | None = None
+    sequence_id: uuid.UUID | None = None
+    sequence_key: str | None = None
+    sequence_version: int | None = None
+    step_id: uuid.UUID | None = None
+    step_index: int | None = None
+    variant: str | None = None
+    delivery_key: str | None = None
+    message_id: str | None = None
+    email: str
+    #: Where the fact came from: pixel, click, unsubscribe, inbound, or a provider name.
+    source: str
+    bounce_type: BounceType | None = None
+    #: An open or click made by a machine (privacy proxy, link scanner), not a person.
+    machine: bool = False
+    url: str | None = None
+    provider_event_id: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def stops_sequence(self) -> bool:
+        """Reply, hard bounce, unsubscribe and complaint end a lead's outreach."""
+        if self.engagement_type is EngagementType.BOUNCED:
+            return self.bounce_type in (None, BounceType.HARD)
+        return self.engagement_type in (
+            EngagementType.REPLIED,
+            EngagementType.UNSUBSCRIBED,
+            EngagementType.COMPLAINED,
+        )
+
+    @property
+    def suppresses_address(self) -> bool:
+        """Unsubscribe, hard bounce and complaint put the address on suppression lists."""
+        return self.stops_sequence and self.engagement_type is not EngagementType.REPLIED
+
+
+class WebhookReceived(Event):
+    """A verified provider webhook or inbound email, raw (topic ``webhooks-raw``)."""
+
+    event_type: Literal["WebhookReceived"] = "WebhookReceived"
+    provider: str
+    content_type: str
+    #: The raw request body as latin-1 text: a lossless byte-for-character mapping
+    #: (``body.encode("latin-1")`` gives the exact bytes back).
+    body: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_request(
+        cls, provider: str, content_type: str, body: bytes, headers: dict[str, str]
+    ) -> WebhookReceived:
+        return cls(
+            provider=provider,
+            content_type=content_type,
+            body=body.decode("latin-1"),
+            headers=headers,
+        )
+
+    def raw_body(self) -> bytes:
+        return self.body.encode("latin-1")
+
+    def kafka_key(self) -> bytes:
+        return self.provider.encode()
+
+
+# ------------------------------------------------------------------ topic contracts
+
+LeadsEvent = LeadReceived
+LeadRoutedEvent = LeadRouted
+StepDueEvent = StepDue
+EmailOutcome = Annotated[EmailSent | EmailFailed, Field(discriminator="event_type")]
+EngagementEvent = EngagementReceived
+WebhooksRawEvent = WebhookReceived
+
+#: What may travel on each topic, as a pydantic adapter that validates raw bytes.
+TOPIC_EVENTS: dict[str, TypeAdapter[Any]] = {
+    topics.LEADS: TypeAdapter(LeadReceived),
+    topics.LEAD_ROUTED: TypeAdapter(LeadRouted),
+    topics.STEP_DUE: TypeAdapter(StepDue),
+    topics.EMAIL_SENT: TypeAdapter(EmailOutcome),
+    topics.ENGAGEMENT: TypeAdapter(EngagementReceived),
+    topics.WEBHOOKS_RAW: TypeAdapter(WebhookReceived),
+}
+
+
+def decode(topic: str, raw: bytes) -> Event:
+    """Validate raw bytes from ``topic`` into its event model.
+
+    Raises ``pydantic.ValidationError`` (or ``ValueError``) when the bytes are not a
+    valid event for that topic.
+    """
+    adapter = TOPIC_EVENTS[topic]
+    event: Event = adapter.validate_json(raw)
+    return event

@@ -1,0 +1,26 @@
+"""The one registry of Kafka topic names."""
+
+from __future__ import annotations
+
+from typing import Final
+
+LEADS: Final = "leads"
+LEAD_ROUTED: Final = "lead-routed"
+STEP_DUE: Final = "step-due"
+EMAIL_SENT: Final = "email-sent"
+ENGAGEMENT: Final = "engagement"
+WEBHOOKS_RAW: Final = "webhooks-raw"
+
+ALL: Final[tuple[str, ...]] = (LEADS, LEAD_ROUTED, STEP_DUE, EMAIL_SENT, ENGAGEMENT, WEBHOOKS_RAW)
+
+DLQ_SUFFIX: Final = "-dlq"
+
+
+def dlq(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return topic + DLQ_SUFFIX
+
+
+def all_topics() -> list[str]:
+    """Every topic the system uses, dead-letter topics included."""
+    return [name for topic in ALL for name in (topic, dlq(topic))]

@@ -1,0 +1,1 @@
+"""The touchstream services and the runtime they share."""

@@ -1,0 +1,1 @@
+"""Nurture: sequences, enrollments, the scheduler."""

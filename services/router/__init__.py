@@ -1,0 +1,1 @@
+"""Router: lead intake, routing into sequences, lead status."""

@@ -1,0 +1,223 @@
+"""Router SQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.router.domain import NormalisedLead, RoutingRule
+
+LEAD_COLUMNS = (
+    "id, tenant_id, email, external_id, first_name, last_name, company, title, timezone,"
+    " country, grade, score, source, tags, custom_fields, status, sequence, routing_reason,"
+    " created_at, updated_at"
+)
+
+
+async def find_lead_for_update(
+    conn: asyncpg.Connection, tenant_id: str, email: str, external_id: str | None
+) -> asyncpg.Record | None:
+    """The lead this input is about: by external id first, then by email."""
+    if external_id is not None:
+        row = await conn.fetchrow(
+            f"SELECT {LEAD_COLUMNS} FROM leads WHERE tenant_id = $1 AND external_id = $2"
+            " FOR UPDATE",
+            tenant_id,
+            external_id,
+        )
+        if row is not None:
+            return row
+    return await conn.fetchrow(
+        f"SELECT {LEAD_COLUMNS} FROM leads WHERE tenant_id = $1 AND email = $2 FOR UPDATE",
+        tenant_id,
+        email,
+    )
+
+
+async def email_owner(conn: asyncpg.Connection, tenant_id: str, email: str) -> uuid.UUID | None:
+    value = await conn.fetchval(
+        "SELECT id FROM leads WHERE tenant_id = $1 AND email = $2", tenant_id, email
+    )
+    return value if value is None else uuid.UUID(str(value))
+
+
+async def insert_lead(
+    conn: asyncpg.Connection,
+    lead_id: uuid.UUID,
+    tenant_id: str,
+    lead: NormalisedLead,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        "INSERT INTO leads (id, tenant_id, email, external_id, first_name, last_name, company,"
+        " title, timezone, country, grade, score, source, tags, custom_fields, status,"
+        " created_at, updated_at)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,'new',$16,$16)",
+        lead_id,
+        tenant_id,
+        lead.email,
+        lead.external_id,
+        lead.first_name,
+        lead.last_name,
+        lead.company,
+        lead.title,
+        lead.timezone,
+        lead.country,
+        lead.grade,
+        lead.score,
+        lead.source,
+        lead.tags,
+        lead.custom_fields,
+        now,
+    )
+    await conn.execute(
+        "INSERT INTO lead_status_history (tenant_id, lead_id, from_status, to_status, reason,"
+        " changed_by, changed_at) VALUES ($1, $2, NULL, 'new', 'lead received', 'router', $3)",
+        tenant_id,
+        lead_id,
+        now,
+    )
+
+
+async def merge_lead(
+    conn: asyncpg.Connection, lead_id: uuid.UUID, lead: NormalisedLead, now: datetime
+) -> None:
+    """Newer non-empty values win; tags and custom fields accumulate."""
+    await conn.execute(
+        "UPDATE leads SET email = $2, external_id = coalesce($3, external_id),"
+        " first_name = coalesce($4, first_name), last_name = coalesce($5, last_name),"
+        " company = coalesce($6, company), title = coalesce($7, title),"
+        " timezone = coalesce($8, timezone), country = coalesce($9, country),"
+        " grade = coalesce($10, grade), score = coalesce($11, score),"
+        " source = coalesce($12, source),"
+        " tags = ARRAY(SELECT DISTINCT unnest(tags || $13::text[]) ORDER BY 1),"
+        " custom_fields = custom_fields || $14::jsonb, updated_at = $15 WHERE id = $1",
+        lead_id,
+        lead.email,
+        lead.external_id,
+        lead.first_name,
+        lead.last_name,
+        lead.company,
+        lead.title,
+        lead.timezone,
+        lead.country,
+        lead.grade,
+        lead.score,
+        lead.source,
+        lead.tags,
+        lead.custom_fields,
+        now,
+    )
+
+
+async def set_routing(
+    conn: asyncpg.Connection,
+    lead_id: uuid.UUID,
+    sequence: str | None,
+    reason: str,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        "UPDATE leads SET sequence = coalesce($2, sequence), routing_reason = $3,"
+        " updated_at = $4 WHERE id = $1",
+        lead_id,
+        sequence,
+        reason,
+        now,
+    )
+
+
+async def routing_rules(conn: asyncpg.Connection, tenant_id: str) -> list[RoutingRule]:
+    rows = await conn.fetch(
+        "SELECT name, sequence, match FROM routing_rules WHERE tenant_id = $1 AND enabled"
+        " ORDER BY position",
+        tenant_id,
+    )
+    return [RoutingRule(r["name"], r["sequence"], r["match"]) for r in rows]
+
+
+async def lead_status_for_update(
+    conn: asyncpg.Connection, tenant_id: str, lead_id: uuid.UUID
+) -> str | None:
+    value = await conn.fetchval(
+        "SELECT status FROM leads WHERE tenant_id = $1 AND id = $2 FOR UPDATE", tenant_id, lead_id
+    )
+    return None if value is None else str(value)
+
+
+async def change_status(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    lead_id: uuid.UUID,
+    from_status: str,
+    to_status: str,
+    reason: str,
+    changed_by: str,
+    event_id: uuid.UUID | None,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        "UPDATE leads SET status = $3, updated_at = $4 WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        lead_id,
+        to_status,
+        now,
+    )
+    await conn.execute(
+        "INSERT INTO lead_status_history (tenant_id, lead_id, from_status, to_status, reason,"
+        " changed_by, event_id, changed_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+        tenant_id,
+        lead_id,
+        from_status,
+        to_status,
+        reason,
+        changed_by,
+        event_id,
+        now,
+    )
+
+
+async def get_lead(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, lead_id: uuid.UUID
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        f"SELECT {LEAD_COLUMNS} FROM leads WHERE tenant_id = $1 AND id = $2", tenant_id, lead_id
+    )
+    return dict(row) if row is not None else None
+
+
+async def find_leads(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    tenant_id: str,
+    email: str | None,
+    external_id: str | None,
+    status: str | None,
+    limit: int,
+    offset: int,
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {LEAD_COLUMNS} FROM leads WHERE tenant_id = $1"
+        " AND ($2::text IS NULL OR email = $2) AND ($3::text IS NULL OR external_id = $3)"
+        " AND ($4::text IS NULL OR status = $4) ORDER BY created_at, id LIMIT $5 OFFSET $6",
+        tenant_id,
+        email,
+        external_id,
+        status,
+        limit,
+        offset,
+    )
+    return [dict(r) for r in rows]
+
+
+async def status_history(
+    conn: asyncpg.Connection | asyncpg.Pool, lead_id: uuid.UUID
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT from_status, to_status, reason, changed_by, event_id, changed_at"
+        " FROM lead_status_history WHERE lead_id = $1 ORDER BY id",
+        lead_id,
+    )
+    return [dict(r) for r in rows]

@@ -1,0 +1,1 @@
+"""What every touchstream service runs on."""

@@ -1,0 +1,72 @@
+"""The one injectable clock every scheduling decision goes through.
+
+Production runs on wall time. Tests and the demo run a fast clock: product time
+advances ``speed`` times faster than the wall clock from a common ``origin``, so
+every process of one deployment agrees on "now" without talking to each other.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current product time (timezone-aware, UTC)."""
+        ...
+
+    def wall_seconds(self, product: timedelta) -> float:
+        """How many wall-clock seconds a stretch of product time takes."""
+        ...
+
+
+class SystemClock:
+    """Wall time."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def wall_seconds(self, product: timedelta) -> float:
+        return product.total_seconds()
+
+
+class FastClock:
+    """Product time = origin + (wall - origin) * speed."""
+
+    def __init__(self, speed: float, origin: datetime | None = None) -> None:
+        if speed <= 0:
+            raise ValueError("clock speed must be positive")
+        self.speed = speed
+        self.origin = origin or datetime.now(UTC)
+        self._origin_ts = self.origin.timestamp()
+
+    def now(self) -> datetime:
+        elapsed = (time.time() - self._origin_ts) * self.speed
+        return self.origin + timedelta(seconds=elapsed)
+
+    def wall_seconds(self, product: timedelta) -> float:
+        return product.total_seconds() / self.speed
+
+
+class FrozenClock:
+    """A clock that moves only when told to (unit tests)."""
+
+    def __init__(self, start: datetime) -> None:
+        self._now = start
+
+    def now(self) -> datetime:
+        return self._now
+
+    def advance(self, delta: timedelta) -> None:
+        self._now += delta
+
+    def wall_seconds(self, product: timedelta) -> float:
+        return 0.0
+
+
+def clock_from_settings(speed: float, origin: datetime | None) -> Clock:
+    if speed == 1.0 and origin is None:
+        return SystemClock()
+    return FastClock(speed, origin)

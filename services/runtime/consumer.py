@@ -1,0 +1,324 @@
+"""The consumer wrapper every service uses.
+
+A batch of records is decoded; records that are not valid events for their topic
+go to ``<topic>-dlq`` with the reason and the original bytes. Valid events are
+applied in one database transaction together with their inbox rows (a
+redelivered ``event_id`` is skipped). Offsets are committed only after that
+transaction commits. Transient failures (database or broker unreachable) are
+retried with backoff and never acked; an event that fails on its own while its
+neighbours succeed is poison and goes to the DLQ with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from pydantic import ValidationError
+
+from schemas import topics
+from schemas.events import Event, decode
+from services.runtime.kafka import OutgoingRecord, publish_all
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A handler's verdict that an event breaks a domain rule: dead-letter it."""
+
+    event: Event
+    reason: str
+
+
+TopicHandler = Callable[[asyncpg.Connection, list[Any]], Awaitable[Sequence[Rejection] | None]]
+AfterCommit = Callable[[], None]
+
+
+class DlqLimitExceeded(RuntimeError):
+    """Most recent messages went to the DLQ: a bad deploy, not bad data."""
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    KafkaError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+@dataclass(slots=True)
+class _Item:
+    record: ConsumerRecord[Any, Any]
+    event: Event | None = None
+    reason: str | None = None
+
+
+@dataclass
+class ConsumerStats:
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    last_error: str | None = None
+    recent: deque[bool] = field(default_factory=lambda: deque(maxlen=1000))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for error in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in error.get("loc", ())) or "(root)"
+            parts.append(f"{loc}: {error.get('msg')}")
+        return "invalid event: " + "; ".join(parts)
+    return f"invalid event: {exc}"
+
+
+class EventConsumer:
+    """Consumes a service's topics as one consumer group and applies them."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        pool: asyncpg.Pool,
+        broker: KafkaBroker,
+        handlers: dict[str, TopicHandler],
+        after_commit: AfterCommit | None = None,
+        max_batch: int = 500,
+        session_timeout_ms: int = 10_000,
+        dlq_limit_ratio: float = 0.95,
+        dlq_limit_window: int = 1000,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.group_id = f"touchstream-{service}"
+        self.pool = pool
+        self.broker = broker
+        self.handlers = handlers
+        self.after_commit = after_commit
+        self.dlq_limit_ratio = dlq_limit_ratio
+        self.dlq_limit_window = dlq_limit_window
+        self.on_fatal = on_fatal
+        self.stats = ConsumerStats(recent=deque(maxlen=dlq_limit_window))
+        self.stopping = False
+        self.subscriber = broker.subscriber(
+            *handlers.keys(),
+            group_id=self.group_id,
+            batch=True,
+            max_records=max_batch,
+            batch_timeout_ms=100,
+            ack_policy=AckPolicy.MANUAL,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(session_timeout_ms // 3, 300),
+        )
+        self.subscriber(self._consume)
+
+    async def _consume(self, body: list[bytes], msg: KafkaMessage) -> None:
+        raw = msg.raw_message
+        records: tuple[ConsumerRecord[Any, Any], ...] = raw if isinstance(raw, tuple) else (raw,)
+        try:
+            await self.process(records)
+        except asyncio.CancelledError:
+            await msg.nack()
+            raise
+        except Exception as exc:
+            # Not applied: rewind so the batch is fetched again.
+            self.stats.last_error = repr(exc)
+            log.warning("%s: batch not applied, will retry: %r", self.service, exc)
+            await msg.nack()
+            return
+        await msg.ack()
+        try:
+            self._check_dlq_limit()
+        except DlqLimitExceeded as exc:
+            log.error("%s", exc)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+
+    async def process(self, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
+        """Apply one batch. Returns when it is committed in the database and every
+        dead letter is published; raises when the batch must be retried."""
+        self.stats.batches += 1
+        items = [self._decode(r) for r in records]
+        valid = [i for i in items if i.event is not None]
+        dead = [i for i in items if i.event is None]
+
+        backoff = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                dead += await self._apply(valid)
+                break
+            except Exception as exc:
+                if self.stopping:
+                    raise
+                if is_transient(exc):
+                    log.warning("%s: transient failure, retrying: %r", self.service, exc)
+                elif len(valid) > 1:
+                    log.warning("%s: batch failed, isolating events: %r", self.service, exc)
+                    dead += await self._apply_one_by_one(valid)
+                    break
+                elif attempt >= 3 and valid:
+                    valid[0].reason = f"handler error: {exc!r}"
+                    dead.append(valid[0])
+                    break
+                else:
+                    log.warning("%s: event failed (attempt %d): %r", self.service, attempt, exc)
+                self.stats.last_error = repr(exc)
+                if attempt >= 8:
+                    raise
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+
+        if dead:
+            await self._dead_letter(dead)
+        self.stats.recent.extend([False] * (len(items) - len(dead)) + [True] * len(dead))
+
+    def _decode(self, record: ConsumerRecord[Any, Any]) -> _Item:
+        item = _Item(record)
+        value = record.value
+        if not isinstance(value, bytes | bytearray):
+            item.reason = "invalid event: empty message"
+            return item
+        try:
+            item.event = decode(record.topic, bytes(value))
+        except (ValidationError, ValueError) as exc:
+            item.reason = _reason(exc)
+        return item
+
+    async def _apply(self, items: list[_Item]) -> list[_Item]:
+        """Apply valid events in one transaction; return those the handlers rejected."""
+        if not items:
+            return []
+        seen: set[uuid.UUID] = set()
+        unique: list[_Item] = []
+        for item in items:
+            assert item.event is not None
+            if item.event.event_id not in seen:
+                seen.add(item.event.event_id)
+                unique.append(item)
+        rejected: list[_Item] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = set(
+                await conn.fetchval(
+                    "WITH ins AS (INSERT INTO inbox (consumer, event_id)"
+                    " SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id)"
+                    " SELECT coalesce(array_agg(event_id), '{}') FROM ins",
+                    self.service,
+                    [i.event.event_id for i in unique if i.event is not None],
+                )
+            )
+            by_topic: dict[str, list[_Item]] = {}
+            for item in unique:
+                assert item.event is not None
+                if item.event.event_id in fresh:
+                    by_topic.setdefault(item.record.topic, []).append(item)
+            self.stats.duplicates += len(items) - sum(len(v) for v in by_topic.values())
+            for topic, topic_items in by_topic.items():
+                handler = self.handlers[topic]
+                rejections = await handler(conn, [i.event for i in topic_items]) or []
+                reasons = {r.event.event_id: r.reason for r in rejections}
+                for item in topic_items:
+                    assert item.event is not None
+                    if item.event.event_id in reasons:
+                        item.reason = reasons[item.event.event_id]
+                        rejected.append(item)
+            if rejected:
+                # Forget rejected events so a redelivery (e.g. after a crash before the
+                # dead letter is published) rejects them again instead of skipping them.
+                await conn.execute(
+                    "DELETE FROM inbox WHERE consumer = $1 AND event_id = ANY($2::uuid[])",
+                    self.service,
+                    [i.event.event_id for i in rejected if i.event is not None],
+                )
+        self.stats.applied += sum(1 for _ in items) - len(rejected)
+        if self.after_commit is not None:
+            self.after_commit()
+        return rejected
+
+    async def _apply_one_by_one(self, items: list[_Item]) -> list[_Item]:
+        dead: list[_Item] = []
+        failures: list[tuple[_Item, BaseException]] = []
+        for item in items:
+            try:
+                dead += await self._apply([item])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                failures.append((item, exc))
+        if failures and len(failures) == len(items):
+            # Every event fails on its own: the fault is ours (a bad deploy, a broken
+            # schema), not the data's. Retry rather than dead-letter everything.
+            raise failures[0][1]
+        for item, error in failures:
+            item.reason = f"handler error: {error!r}"
+            dead.append(item)
+        return dead
+
+    async def _dead_letter(self, items: list[_Item]) -> None:
+        now = datetime.now(UTC).isoformat()
+        records = []
+        for item in items:
+            r = item.record
+            headers = {k: v.decode(errors="replace") for k, v in (r.headers or ())}
+            headers.update(
+                {
+                    "dlq-reason": (item.reason or "unknown")[:2000],
+                    "dlq-topic": r.topic,
+                    "dlq-partition": str(r.partition),
+                    "dlq-offset": str(r.offset),
+                    "dlq-consumer": self.service,
+                    "dlq-failed-at": now,
+                }
+            )
+            value = r.value if isinstance(r.value, bytes) else b""
+            key = r.key if isinstance(r.key, bytes) else b""
+            records.append(OutgoingRecord(topics.dlq(r.topic), key, value, headers))
+            log.warning(
+                "%s: %s[%d]@%d -> %s: %s",
+                self.service,
+                r.topic,
+                r.partition,
+                r.offset,
+                topics.dlq(r.topic),
+                item.reason,
+            )
+        await publish_all(self.broker, records)
+        self.stats.dead_lettered += len(items)
+
+    def _check_dlq_limit(self) -> None:
+        recent = self.stats.recent
+        if len(recent) < self.dlq_limit_window:
+            return
+        ratio = sum(recent) / len(recent)
+        if ratio >= self.dlq_limit_ratio:
+            raise DlqLimitExceeded(
+                f"{self.service}: {ratio:.0%} of the last {len(recent)} messages went to the "
+                "DLQ; stopping: this looks like a bad deploy, not bad data"
+            )

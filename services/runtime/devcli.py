@@ -1,0 +1,151 @@
+"""``touchstream dev up | down | status``: the embedded stack for a laptop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from services.runtime.devstack import (
+    DEFAULT_HTTP_PORTS,
+    SERVICES,
+    Stack,
+    StackError,
+    base_env,
+    free_port,
+    port_open,
+)
+
+PREFERRED_PORTS = {"postgres": 55432, "kafka": 19092, "smtp": 1025}
+
+
+def _port(name: str) -> int:
+    preferred = PREFERRED_PORTS[name]
+    return preferred if not port_open("127.0.0.1", preferred) else free_port()
+
+
+def wait_ready(ports: dict[str, int], timeout: float = 60.0) -> dict[str, bool]:
+    deadline = time.monotonic() + timeout
+    ready = dict.fromkeys(ports, False)
+    while time.monotonic() < deadline and not all(ready.values()):
+        for name, port in ports.items():
+            if ready[name]:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    ready[name] = r.status == 200
+            except (urllib.error.URLError, OSError):
+                pass
+        time.sleep(0.2)
+    return ready
+
+
+def up(root: Path, clock_speed: float = 1.0) -> int:
+    existing = Stack.load(root)
+    if any(p.alive() for p in existing.processes.values()):
+        print("the dev stack is already running (touchstream dev down stops it)")
+        return status(root)
+    if existing.processes:
+        existing.stop_all()
+    stack = Stack(root)
+    root.mkdir(parents=True, exist_ok=True)
+    busy = [f"{n} ({p})" for n, p in DEFAULT_HTTP_PORTS.items() if port_open("127.0.0.1", p)]
+    if busy:
+        print(f"touchstream: HTTP ports in use: {', '.join(busy)}; stop what holds them")
+        return 2
+    try:
+        database_url = os.environ.get("DATABASE_URL") or stack.start_postgres(_port("postgres"))
+        kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or stack.start_kafka(_port("kafka"))
+        if os.environ.get("SMTP_HOST"):
+            smtp_host, smtp_port = os.environ["SMTP_HOST"], int(os.environ.get("SMTP_PORT", "25"))
+        else:
+            smtp_host, smtp_port = stack.start_smtp(_port("smtp"))
+        env = base_env(
+            database_url=database_url,
+            kafka=kafka,
+            smtp_host=smtp_host,
+            smtp_port=smtp_port,
+            clock_speed=clock_speed,
+        )
+        # Whatever the operator set wins over generated values.
+        for key in (
+            "TOUCHSTREAM_TRACKING_SECRET",
+            "TRACKER_INBOUND_TOKEN",
+            "TOUCHSTREAM_CLOCK_ORIGIN",
+            "TOUCHSTREAM_TOPIC_PARTITIONS",
+            "TRACKER_PUBLIC_URL",
+        ):
+            if os.environ.get(key):
+                env[key] = os.environ[key]
+        stack.env = env
+        stack.save()
+        from services.runtime.kafka import create_topics
+
+        asyncio.run(create_topics(kafka, int(env["TOUCHSTREAM_TOPIC_PARTITIONS"])))
+        for name in SERVICES:
+            stack.start_service(name, env)
+    except (StackError, OSError) as exc:
+        print(f"touchstream: {exc}")
+        stack.stop_all()
+        return 2
+    ready = wait_ready({n: DEFAULT_HTTP_PORTS[n] for n in SERVICES})
+    (root / "env").write_text("".join(f"export {k}={v!r}\n" for k, v in sorted(env.items())))
+    _print_summary(stack, env)
+    if not all(ready.values()):
+        print(
+            "not ready: "
+            + ", ".join(n for n, ok in ready.items() if not ok)
+            + f" (see {root}/logs)"
+        )
+        return 1
+    return 0
+
+
+def _print_summary(stack: Stack, env: dict[str, str]) -> None:
+    print("touchstream dev stack is up")
+    print(f"  PostgreSQL   {env['DATABASE_URL']}")
+    print(f"  Kafka        {env['KAFKA_BOOTSTRAP_SERVERS']}")
+    print(
+        f"  SMTP sink    {env['SMTP_HOST']}:{env['SMTP_PORT']}"
+        + (f"  (mail lands in {stack.mail_dir})" if "smtp" in stack.processes else "")
+    )
+    print(
+        f"  clock        x{env['TOUCHSTREAM_CLOCK_SPEED']} from {env['TOUCHSTREAM_CLOCK_ORIGIN']}"
+    )
+    for name in SERVICES:
+        print(f"  {name:<12} http://127.0.0.1:{DEFAULT_HTTP_PORTS[name]}  (/healthz, /readyz)")
+    print(f"  logs         {stack.root / 'logs'}")
+    print(f"  environment  source {stack.root / 'env'}")
+
+
+def down(root: Path) -> int:
+    stack = Stack.load(root)
+    if not stack.processes:
+        print("the dev stack is not running")
+    names = list(stack.processes)
+    stack.stop_all()
+    for folder in ("pgdata", "pgsock", "mail"):
+        shutil.rmtree(root / folder, ignore_errors=True)
+    if names:
+        print(f"stopped: {', '.join(names)}")
+    return 0
+
+
+def status(root: Path) -> int:
+    stack = Stack.load(root)
+    if not stack.processes:
+        print("the dev stack is not running")
+        return 1
+    for name, record in stack.processes.items():
+        print(f"  {name:<10} pid {record.pid:<8} {'running' if record.alive() else 'DEAD'}")
+    print(
+        json.dumps(
+            {k: v for k, v in stack.env.items() if "SECRET" not in k and "TOKEN" not in k}, indent=2
+        )
+    )
+    return 0 if all(p.alive() for p in stack.processes.values()) else 1

@@ -1,0 +1,120 @@
+"""Settings, from the environment (pydantic-settings).
+
+Shared settings are read from unprefixed variables (``DATABASE_URL``,
+``KAFKA_BOOTSTRAP_SERVERS``, ``TOUCHSTREAM_*``); each service's own settings carry
+its prefix (``ROUTER_``, ``NURTURE_``, ``SENDER_``, ``TRACKER_``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import AwareDatetime, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """What every service needs."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    database_url: str = Field(
+        default="postgresql://touchstream@127.0.0.1:5432/touchstream",
+        validation_alias="DATABASE_URL",
+    )
+    database_pool_size: int = Field(default=10, ge=1, validation_alias="DATABASE_POOL_SIZE")
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", validation_alias="KAFKA_BOOTSTRAP_SERVERS"
+    )
+    #: Consumer group session timeout; a new group gets its first record after
+    #: about half of it.
+    kafka_session_timeout_ms: int = Field(
+        default=10_000, ge=1_000, validation_alias="KAFKA_SESSION_TIMEOUT_MS"
+    )
+    kafka_max_batch: int = Field(default=500, ge=1, validation_alias="KAFKA_MAX_BATCH")
+    topic_partitions: int = Field(default=6, ge=1, validation_alias="TOUCHSTREAM_TOPIC_PARTITIONS")
+    topic_replication: int = Field(
+        default=1, ge=1, validation_alias="TOUCHSTREAM_TOPIC_REPLICATION"
+    )
+    #: Seconds of product time per second of wall time (86400 = a day per second).
+    clock_speed: float = Field(default=1.0, gt=0, validation_alias="TOUCHSTREAM_CLOCK_SPEED")
+    #: The wall-clock instant the fast clock starts from; every process of one
+    #: deployment must share it.
+    clock_origin: AwareDatetime | None = Field(
+        default=None, validation_alias="TOUCHSTREAM_CLOCK_ORIGIN"
+    )
+    #: Secret that signs tracking tokens (open pixel, click, unsubscribe). Shared by
+    #: the sender (which mints tokens) and the tracker (which verifies them).
+    tracking_secret: SecretStr | None = Field(
+        default=None, validation_alias="TOUCHSTREAM_TRACKING_SECRET"
+    )
+    tracker_public_url: str = Field(
+        default="http://127.0.0.1:8084", validation_alias="TRACKER_PUBLIC_URL"
+    )
+    log_level: str = Field(default="INFO", validation_alias="TOUCHSTREAM_LOG_LEVEL")
+    log_json: bool = Field(default=False, validation_alias="TOUCHSTREAM_LOG_JSON")
+    http_host: str = Field(default="0.0.0.0", validation_alias="TOUCHSTREAM_HTTP_HOST")
+    #: Stop a consumer when at least this share of the last ``dlq_limit_window``
+    #: messages went to its dead-letter topic: that is a bad deploy, not bad data.
+    dlq_limit_ratio: float = Field(default=0.95, gt=0, le=1, validation_alias="DLQ_LIMIT_RATIO")
+    dlq_limit_window: int = Field(default=1000, ge=10, validation_alias="DLQ_LIMIT_WINDOW")
+
+    def clock_origin_or_none(self) -> datetime | None:
+        return self.clock_origin
+
+
+class RouterSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="ROUTER_", extra="ignore", populate_by_name=True)
+
+    http_port: int = 8081
+    default_sequence: str = "cold_outreach"
+
+
+class NurtureSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="NURTURE_", extra="ignore", populate_by_name=True)
+
+    http_port: int = 8082
+    #: Due enrollments claimed per scheduler round.
+    scheduler_batch: int = Field(default=1000, ge=1)
+    #: Wall seconds between scheduler rounds when nothing was due.
+    scheduler_idle_seconds: float = Field(default=0.1, gt=0)
+
+
+class SenderSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="SENDER_", extra="ignore", populate_by_name=True)
+
+    http_port: int = 8083
+    smtp_host: str = Field(default="127.0.0.1", validation_alias="SMTP_HOST")
+    smtp_port: int = Field(default=1025, validation_alias="SMTP_PORT")
+    smtp_username: str | None = Field(default=None, validation_alias="SMTP_USERNAME")
+    smtp_password: SecretStr | None = Field(default=None, validation_alias="SMTP_PASSWORD")
+    smtp_starttls: bool = Field(default=False, validation_alias="SMTP_STARTTLS")
+    smtp_tls: bool = Field(default=False, validation_alias="SMTP_TLS")
+    smtp_timeout: float = Field(default=30.0, gt=0, validation_alias="SMTP_TIMEOUT")
+    #: The default sending identity, used when a tenant has no mailbox of its own.
+    from_email: str = "outreach@touchstream.example"
+    from_name: str = "touchstream"
+    #: Optional mailto: address for List-Unsubscribe, next to the https URL.
+    unsubscribe_mailto: str | None = None
+    #: Postal address printed at the foot of every email (CAN-SPAM).
+    physical_address: str | None = None
+    #: Wall seconds a claimed delivery stays claimed before another sender may
+    #: take it (claimed, not yet handed to SMTP) or flag it uncertain (sending).
+    lease_seconds: float = Field(default=30.0, gt=0)
+    dispatch_batch: int = Field(default=100, ge=1)
+    dispatch_idle_seconds: float = Field(default=0.1, gt=0)
+    #: Product-time seconds before a transient failure is retried (doubles, with jitter).
+    retry_base_seconds: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+
+
+class TrackerSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="TRACKER_", extra="ignore", populate_by_name=True)
+
+    http_port: int = 8084
+    #: Bearer token that the inbound-email webhook requires.
+    inbound_token: SecretStr | None = None
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    #: Wall seconds a validly signed token waits for its message to be registered
+    #: (the EmailSent may still be on its way) before it is answered as unknown.
+    registry_wait_seconds: float = Field(default=3.0, ge=0)

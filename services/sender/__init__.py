@@ -1,0 +1,1 @@
+"""Sender: deliveries, SMTP hand-off, suppression."""

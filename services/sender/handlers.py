@@ -1,0 +1,140 @@
+"""Sender handlers and the delivery outcomes they write (state + outbox, one transaction)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from schemas import topics
+from schemas.events import (
+    EmailFailed,
+    EmailSent,
+    EngagementReceived,
+    FailureKind,
+    StepDue,
+)
+from services.runtime.outbox import enqueue, enqueue_many
+from services.sender import repo
+
+
+def email_sent_event(row: asyncpg.Record, *, uncertain: bool = False) -> EmailSent:
+    return EmailSent(
+        tenant_id=row["tenant_id"],
+        lead_id=row["lead_id"],
+        enrollment_id=row["enrollment_id"],
+        sequence_id=row["sequence_id"],
+        sequence_key=row["sequence_key"],
+        sequence_version=row["sequence_version"],
+        step_id=row["step_id"],
+        step_index=row["step_index"],
+        variant=row["variant"],
+        delivery_key=row["delivery_key"],
+        message_id=row["message_id"],
+        to_email=row["to_email"],
+        from_email=row["from_email"],
+        subject=row["subject"],
+        sent_at=row["sent_at"],
+        links=list(row["links"] or []),
+        uncertain=uncertain,
+    )
+
+
+def email_failed_event(
+    row: asyncpg.Record, failure: FailureKind, reason: str, smtp_code: int | None = None
+) -> EmailFailed:
+    return EmailFailed(
+        tenant_id=row["tenant_id"],
+        lead_id=row["lead_id"],
+        enrollment_id=row["enrollment_id"],
+        sequence_id=row["sequence_id"],
+        step_id=row["step_id"],
+        step_index=row["step_index"],
+        delivery_key=row["delivery_key"],
+        to_email=row["to_email"],
+        failure=failure,
+        reason=reason,
+        smtp_code=smtp_code,
+    )
+
+
+async def handle_step_due(conn: asyncpg.Connection, events: list[StepDue]) -> None:
+    await repo.insert_deliveries(conn, events)
+
+
+async def handle_engagement(conn: asyncpg.Connection, events: list[EngagementReceived]) -> None:
+    """Keep the suppression list; cancel what is still queued for a lead who replied,
+    unsubscribed, complained or hard-bounced."""
+    for event in events:
+        if event.suppresses_address:
+            await repo.add_suppression(
+                conn,
+                event.tenant_id,
+                event.email,
+                event.engagement_type.value,
+                f"engagement:{event.source}",
+                event.event_id,
+            )
+        if event.stops_sequence:
+            reason = f"lead {event.engagement_type.value}"
+            cancelled = await repo.cancel_pending_for_lead(
+                conn, event.tenant_id, event.lead_id, reason
+            )
+            await enqueue_many(
+                conn,
+                [
+                    (topics.EMAIL_SENT, email_failed_event(r, FailureKind.CANCELLED, reason))
+                    for r in cancelled
+                ],
+            )
+
+
+async def record_sent(
+    conn: asyncpg.Connection,
+    key: str,
+    *,
+    sent_at: datetime,
+    code: int,
+    response: str,
+    links: list[str],
+) -> None:
+    row = await repo.finish(
+        conn,
+        key,
+        "sent",
+        smtp_code=code,
+        smtp_response=response[:500],
+        sent_at=sent_at,
+        links=links,
+    )
+    assert row is not None
+    await enqueue(conn, topics.EMAIL_SENT, email_sent_event(row))
+
+
+async def record_failed(
+    conn: asyncpg.Connection,
+    key: str,
+    failure: FailureKind,
+    reason: str,
+    smtp_code: int | None = None,
+    *,
+    suppress: bool = False,
+) -> None:
+    status = "suppressed" if failure is FailureKind.SUPPRESSED else "failed"
+    row = await repo.finish(conn, key, status, reason=reason[:1000], smtp_code=smtp_code)
+    assert row is not None
+    if suppress:
+        await repo.add_suppression(
+            conn, row["tenant_id"], row["to_email"], f"rejected: {smtp_code}", "sender"
+        )
+    await enqueue(conn, topics.EMAIL_SENT, email_failed_event(row, failure, reason, smtp_code))
+
+
+async def recover_expired(conn: asyncpg.Connection, now: datetime) -> tuple[int, int]:
+    """Release stale claims; flag stale hand-offs uncertain (and tell nurture)."""
+    released = await repo.release_expired_claims(conn)
+    uncertain = await repo.flag_expired_sending(conn, now)
+    await enqueue_many(
+        conn, [(topics.EMAIL_SENT, email_sent_event(r, uncertain=True)) for r in uncertain]
+    )
+    return released, len(uncertain)

@@ -1,0 +1,2 @@
+"""Tracker: sent-message registry, engagement from pixels, clicks, unsubscribes,
+replies and provider webhooks."""
