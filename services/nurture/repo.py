@@ -131,10 +131,11 @@ async def apply_advances(
     conn: asyncpg.Connection, items: Sequence[tuple[uuid.UUID, Advance]], now: datetime
 ) -> None:
     await conn.executemany(
-        "UPDATE enrollments SET status = $2, position = $3, cursor = $4, steps_done = $5,"
+        "UPDATE enrollments SET status = $2::text, position = $3, cursor = $4, steps_done = $5,"
         " next_action_at = $6, thread_delivery_key = $7, awaiting_delivery_key = $8,"
-        " stop_reason = coalesce($9, stop_reason), last_activity_at = $10,"
-        " finished_at = CASE WHEN $2 IN ('completed', 'stopped') THEN $10 END WHERE id = $1",
+        " stop_reason = coalesce($9::text, stop_reason), last_activity_at = $10::timestamptz,"
+        " finished_at = CASE WHEN $2::text IN ('completed', 'stopped') THEN $10::timestamptz END"
+        " WHERE id = $1",
         [
             (
                 enrollment_id,

@@ -97,6 +97,10 @@ def _reason(exc: BaseException) -> str:
     return f"invalid event: {exc}"
 
 
+async def _skip_decoding(msg: Any) -> None:
+    return None
+
+
 class EventConsumer:
     """Consumes a service's topics as one consumer group and applies them."""
 
@@ -135,10 +139,12 @@ class EventConsumer:
             auto_offset_reset="earliest",
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(session_timeout_ms // 3, 300),
+            # The wrapper decodes records itself (and dead-letters what does not decode).
+            decoder=_skip_decoding,
         )
         self.subscriber(self._consume)
 
-    async def _consume(self, body: list[bytes], msg: KafkaMessage) -> None:
+    async def _consume(self, body: Any, msg: KafkaMessage) -> None:
         raw = msg.raw_message
         records: tuple[ConsumerRecord[Any, Any], ...] = raw if isinstance(raw, tuple) else (raw,)
         try:

@@ -133,6 +133,9 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     _children: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.root = self.root.resolve()
+
     @property
     def state_file(self) -> Path:
         return self.root / "state.json"

@@ -114,7 +114,8 @@ class TrackerSettings(CommonSettings):
     http_port: int = 8084
     #: Bearer token that the inbound-email webhook requires.
     inbound_token: SecretStr | None = None
-    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    #: Kafka brokers take records of about 1 MiB by default; stay below that.
+    max_body_bytes: int = Field(default=768 * 1024, ge=1024)
     #: Wall seconds a validly signed token waits for its message to be registered
     #: (the EmailSent may still be on its way) before it is answered as unknown.
     registry_wait_seconds: float = Field(default=3.0, ge=0)

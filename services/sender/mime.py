@@ -183,7 +183,7 @@ def build_message(email: OutgoingEmail, config: TrackingConfig, now: datetime) -
     if html is not None:
         message: MIMEText | MIMEMultipart = MIMEMultipart("alternative")
         message.attach(text_part)
-        message.attach(MIMEText(html, "html", _UTF8_QP)  # type: ignore[arg-type])
+        message.attach(MIMEText(html, "html", _UTF8_QP))  # type: ignore[arg-type]
     else:
         message = text_part
 
