@@ -23,18 +23,54 @@ from schemas.events import LeadData, LeadReceived
 from services.runtime.devstack import DEFAULT_HTTP_PORTS, Stack
 
 DEMO_LEADS = [
-    ("ada", LeadData(email="ada@example.com", first_name="Ada", last_name="Lovelace",
-                     company="Analytical Engines", title="CTO", timezone="Europe/London",
-                     external_id="crm-ada"), "aggressive_close"),
-    ("grace", LeadData(email="grace@example.com", first_name="Grace", last_name="Hopper",
-                       company="Compilers Inc", title="VP Engineering",
-                       timezone="America/New_York", external_id="crm-grace"),
-     "aggressive_close"),
-    ("alan", LeadData(email="alan@example.org", first_name="Alan", last_name="Turing",
-                      company="Bletchley Labs", title="Head of Research",
-                      external_id="crm-alan"), "regular_nurture"),
-    ("edsger", LeadData(email="EDSGER@Example.NET ", first_name=" Edsger ", company=None,
-                        external_id="crm-edsger"), None),
+    (
+        "ada",
+        LeadData(
+            email="ada@example.com",
+            first_name="Ada",
+            last_name="Lovelace",
+            company="Analytical Engines",
+            title="CTO",
+            timezone="Europe/London",
+            external_id="crm-ada",
+        ),
+        "aggressive_close",
+    ),
+    (
+        "grace",
+        LeadData(
+            email="grace@example.com",
+            first_name="Grace",
+            last_name="Hopper",
+            company="Compilers Inc",
+            title="VP Engineering",
+            timezone="America/New_York",
+            external_id="crm-grace",
+        ),
+        "aggressive_close",
+    ),
+    (
+        "alan",
+        LeadData(
+            email="alan@example.org",
+            first_name="Alan",
+            last_name="Turing",
+            company="Bletchley Labs",
+            title="Head of Research",
+            external_id="crm-alan",
+        ),
+        "regular_nurture",
+    ),
+    (
+        "edsger",
+        LeadData(
+            email="EDSGER@Example.NET ",
+            first_name=" Edsger ",
+            company=None,
+            external_id="crm-edsger",
+        ),
+        None,
+    ),
 ]
 
 
@@ -77,7 +113,8 @@ async def _publish(bootstrap: str) -> None:
             event = LeadReceived(lead=lead, sequence=sequence)
             await producer.send_and_wait(topics.LEADS, event.to_bytes(), key=event.kafka_key())
         await producer.send_and_wait(
-            topics.LEADS, b'{"event_type": "LeadReceived", "lead": {"email": "not-an-address"}}',
+            topics.LEADS,
+            b'{"event_type": "LeadReceived", "lead": {"email": "not-an-address"}}',
             key=b"broken",
         )
     finally:
@@ -92,8 +129,10 @@ def run(root: Path) -> int:
     env = stack.env
     speed = float(env.get("TOUCHSTREAM_CLOCK_SPEED", "1"))
     if speed < 3600:
-        print(f"the dev stack runs at clock speed x{speed:g}; the demo needs a fast clock:"
-              " TOUCHSTREAM_CLOCK_SPEED=86400 touchstream dev up")
+        print(
+            f"the dev stack runs at clock speed x{speed:g}; the demo needs a fast clock:"
+            " TOUCHSTREAM_CLOCK_SPEED=86400 touchstream dev up"
+        )
         return 2
     mail_dir = stack.mail_dir
     inbound_token = env["TRACKER_INBOUND_TOKEN"]
@@ -109,16 +148,20 @@ def run(root: Path) -> int:
         messages = _sink_messages(mail_dir)[already:]
         for message in messages:
             if _to(message) == "grace@example.com" and not replied:
-                status = _post(f"{tracker}/webhooks/inbound",
-                               _reply_to(message, "Sounds good, let's talk Tuesday."),
-                               {"Content-Type": "message/rfc822",
-                                "Authorization": f"Bearer {inbound_token}"})
+                status = _post(
+                    f"{tracker}/webhooks/inbound",
+                    _reply_to(message, "Sounds good, let's talk Tuesday."),
+                    {"Content-Type": "message/rfc822", "Authorization": f"Bearer {inbound_token}"},
+                )
                 print(f"  grace replied to {message['Subject']!r} -> HTTP {status}")
                 replied = True
             if _to(message) == "alan@example.org" and not unsubscribed:
                 url = str(message["List-Unsubscribe"]).split(",")[0].strip().strip("<>")
-                status = _post(url, b"List-Unsubscribe=One-Click",
-                               {"Content-Type": "application/x-www-form-urlencoded"})
+                status = _post(
+                    url,
+                    b"List-Unsubscribe=One-Click",
+                    {"Content-Type": "application/x-www-form-urlencoded"},
+                )
                 print(f"  alan clicked one-click unsubscribe -> HTTP {status}")
                 unsubscribed = True
         ada = _lead("ada@example.com")
@@ -151,7 +194,11 @@ def _report(mail_dir: Path, already: int) -> None:
         enrollments = _get(DEFAULT_HTTP_PORTS["nurture"], f"/enrollments?lead_id={stored['id']}")
         for e in enrollments["items"]:
             stop = f", stop reason: {e['stop_reason']}" if e["stop_reason"] else ""
-            print(f"  {stored['email']:<22} lead status {stored['status']:<10}"
-                  f" {e['sequence']:<17} {e['status']}{stop}")
-    print("\nthe malformed lead went to the dead-letter topic `leads-dlq` with its reason;"
-          " `touchstream dlq replay leads` puts dead letters back after a fix.")
+            print(
+                f"  {stored['email']:<22} lead status {stored['status']:<10}"
+                f" {e['sequence']:<17} {e['status']}{stop}"
+            )
+    print(
+        "\nthe malformed lead went to the dead-letter topic `leads-dlq` with its reason;"
+        " `touchstream dlq replay leads` puts dead letters back after a fix."
+    )

@@ -180,8 +180,8 @@ class Stack:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 cwd=cwd,
-                user=user,
                 start_new_session=True,
+                **_as_user(user),
             )
         self.processes[name] = ProcessRecord(name, proc.pid, argv, str(log_path))
         self._children[name] = proc
@@ -261,8 +261,8 @@ class Stack:
                 ],
                 capture_output=True,
                 text=True,
-                user=user,
                 timeout=120,
+                **_as_user(user),
             )
             if result.returncode != 0:
                 raise StackError(f"initdb failed: {result.stderr[-2000:]}")
@@ -381,6 +381,14 @@ class Stack:
         if wait:
             port = int(env.get(f"{name.upper()}_HTTP_PORT", DEFAULT_HTTP_PORTS[name]))
             wait_for_port("127.0.0.1", port, 60, proc, name, self.root / f"logs/{name}.log")
+
+
+def _as_user(user: str | None) -> dict[str, Any]:
+    """Popen arguments that run a child as ``user`` (uid, gid, no root groups)."""
+    if user is None:
+        return {}
+    pw = pwd.getpwnam(user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
 
 def _python_env() -> dict[str, str]:

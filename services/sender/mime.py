@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email import charset as email_charset
 from email.header import Header
+from email.policy import compat32
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr
@@ -24,6 +25,10 @@ from services.runtime import tokens
 _UTF8_QP = email_charset.Charset("utf-8")
 _UTF8_QP.body_encoding = email_charset.QP
 _UTF8_QP.header_encoding = email_charset.QP
+
+#: CRLF line ends for SMTP, and no folding of long unbreakable headers
+#: (List-Unsubscribe URLs) onto a continuation line.
+_POLICY = compat32.clone(linesep="\r\n", max_line_length=998)
 
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"'\s>]+)\2""", re.IGNORECASE)
@@ -201,4 +206,4 @@ def build_message(email: OutgoingEmail, config: TrackingConfig, now: datetime) -
         unsubscribe += f", <mailto:{config.unsubscribe_mailto}?subject=unsubscribe>"
     message["List-Unsubscribe"] = unsubscribe
     message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-    return BuiltMessage(message.as_bytes(), message_id, links)
+    return BuiltMessage(message.as_bytes(policy=_POLICY), message_id, links)
