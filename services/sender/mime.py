@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email import charset as email_charset
 from email.header import Header
-from email.policy import compat32
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.policy import compat32
 from email.utils import format_datetime, formataddr
 
 from services.runtime import tokens
