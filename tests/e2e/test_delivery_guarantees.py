@@ -26,13 +26,23 @@ async def _all_completed(d: Deployment, count: int) -> bool:
 async def _snapshot(d: Deployment) -> dict[str, object]:
     return {
         "mail": sorted(m["Message-ID"] for m in d.mail()),
-        "leads": [tuple(r) for r in await d.fetch(
-            "SELECT id, status, sequence FROM router.leads ORDER BY id")],
+        "leads": [
+            tuple(r)
+            for r in await d.fetch("SELECT id, status, sequence FROM router.leads ORDER BY id")
+        ],
         "history": await d.fetchval("SELECT count(*) FROM router.lead_status_history"),
-        "enrollments": [tuple(r) for r in await d.fetch(
-            "SELECT id, status, position, cursor, steps_done FROM nurture.enrollments ORDER BY id")],
-        "deliveries": [tuple(r) for r in await d.fetch(
-            "SELECT delivery_key, status, attempts FROM sender.deliveries ORDER BY 1")],
+        "enrollments": [
+            tuple(r)
+            for r in await d.fetch(
+                "SELECT id, status, position, cursor, steps_done FROM nurture.enrollments ORDER BY id"
+            )
+        ],
+        "deliveries": [
+            tuple(r)
+            for r in await d.fetch(
+                "SELECT delivery_key, status, attempts FROM sender.deliveries ORDER BY 1"
+            )
+        ],
         "messages": await d.fetchval("SELECT count(*) FROM tracker.messages"),
         "engagement": await d.fetchval("SELECT count(*) FROM tracker.engagement_events"),
     }
@@ -104,7 +114,9 @@ async def test_sigkill_of_each_service_mid_run_loses_nothing_and_sends_nothing_t
         uncertain_here = sum(
             1
             for r in deliveries
-            if r["to_email"] == address and r["status"] == "uncertain" and r["message_id"] not in ids
+            if r["to_email"] == address
+            and r["status"] == "uncertain"
+            and r["message_id"] not in ids
         )
         assert 3 - uncertain_here <= per_lead[address] <= 3, (address, per_lead[address])
     print(f"kills: {dict(kills)}; deliveries: {dict(by_status)}")
@@ -118,8 +130,12 @@ async def test_malformed_messages_go_to_each_dlq_and_consumers_keep_going(
 ) -> None:
     d = await deploy(clock_speed=86400)
     consumers_of = {
-        topics.LEADS: 1, topics.LEAD_ROUTED: 1, topics.STEP_DUE: 1, topics.EMAIL_SENT: 2,
-        topics.ENGAGEMENT: 3, topics.WEBHOOKS_RAW: 1,
+        topics.LEADS: 1,
+        topics.LEAD_ROUTED: 1,
+        topics.STEP_DUE: 1,
+        topics.EMAIL_SENT: 2,
+        topics.ENGAGEMENT: 3,
+        topics.WEBHOOKS_RAW: 1,
     }
     for topic in consumers_of:
         for value in MALFORMED:
@@ -133,7 +149,8 @@ async def test_malformed_messages_go_to_each_dlq_and_consumers_keep_going(
 
     for topic, consumers in consumers_of.items():
         expected = len(MALFORMED) * consumers + {topics.LEADS: 1, topics.LEAD_ROUTED: 1}.get(
-            topic, 0)
+            topic, 0
+        )
         records = await d.dead_letters(topic, expected)
         assert len(records) == expected, (topic, len(records))
         for record in records:

@@ -1,0 +1,261 @@
+"""The shared runtime on real PostgreSQL and a real Kafka-protocol broker: migrations,
+the outbox relay, the consumer wrapper (inbox, DLQ, transient retries, poison)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import topics
+from schemas.events import Event, LeadData, LeadReceived
+from services.runtime.consumer import EventConsumer, Rejection
+from services.runtime.db import create_pool, migrate, migrate_dsn
+from services.runtime.kafka import OutgoingRecord, create_topics, new_broker, publish_all
+from services.runtime.outbox import OutboxRelay, enqueue_many
+
+pytestmark = pytest.mark.integration
+
+SERVICE_MIGRATIONS = {
+    name: Path(__file__).resolve().parents[2] / "services" / name / "migrations"
+    for name in ("router", "nurture", "sender", "tracker")
+}
+
+
+async def test_every_service_schema_migrates_from_scratch_and_only_once(
+    database_url: str,
+) -> None:
+    for name, directory in SERVICE_MIGRATIONS.items():
+        applied = await migrate_dsn(database_url, name, directory)
+        assert applied[0] == "runtime/0001_outbox_inbox.sql"
+        assert len(applied) == 1 + len(list(directory.glob("*.sql")))
+        assert await migrate_dsn(database_url, name, directory) == []
+    conn = await asyncpg.connect(database_url)
+    try:
+        tables = {
+            (r["table_schema"], r["table_name"])
+            for r in await conn.fetch(
+                "SELECT table_schema, table_name FROM information_schema.tables"
+                " WHERE table_schema IN ('router', 'nurture', 'sender', 'tracker')"
+            )
+        }
+    finally:
+        await conn.close()
+    for schema in SERVICE_MIGRATIONS:
+        assert {(schema, "outbox"), (schema, "inbox"), (schema, "schema_migrations")} <= tables
+    assert ("router", "leads") in tables and ("nurture", "enrollments") in tables
+    assert ("sender", "deliveries") in tables and ("tracker", "messages") in tables
+
+
+async def test_concurrent_migrations_apply_each_file_once(database_url: str) -> None:
+    directory = SERVICE_MIGRATIONS["nurture"]
+    results = await asyncio.gather(
+        *(migrate_dsn(database_url, "nurture", directory) for _ in range(4))
+    )
+    assert sorted(len(r) for r in results) == [0, 0, 0, 2]
+
+
+async def test_an_edited_migration_is_refused(database_url: str, tmp_path: Path) -> None:
+    (tmp_path / "0001_things.sql").write_text("CREATE TABLE things (id int);")
+    await migrate_dsn(database_url, "svc", tmp_path)
+    (tmp_path / "0001_things.sql").write_text("CREATE TABLE things (id bigint);")
+    with pytest.raises(RuntimeError, match="forward-only"):
+        await migrate_dsn(database_url, "svc", tmp_path)
+
+
+# ----------------------------------------------------------------- a tiny service
+
+
+@pytest.fixture
+async def pool(database_url: str, tmp_path: Path) -> AsyncIterator[asyncpg.Pool]:
+    (tmp_path / "0001_applied.sql").write_text(
+        "CREATE TABLE applied (event_id uuid, email text, at timestamptz DEFAULT now());"
+    )
+    pool = await create_pool(database_url, "svc", size=4)
+    async with pool.acquire() as conn:
+        await migrate(conn, "svc", tmp_path)
+    yield pool
+    await pool.close()
+
+
+async def _read(bootstrap: str, topic: str, expect: int, timeout: float = 15) -> list[Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        await consumer.seek_to_beginning()
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expect and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records += batch
+        return records
+    finally:
+        await consumer.stop()
+
+
+def _lead(email: str) -> LeadReceived:
+    return LeadReceived(lead=LeadData(email=email), sequence="aggressive_close")
+
+
+async def test_relay_publishes_committed_rows_in_order_and_one_relay_leads(
+    pool: asyncpg.Pool, database_url: str, kafka_bootstrap: str
+) -> None:
+    await create_topics(kafka_bootstrap, 3)
+    broker = new_broker(kafka_bootstrap, "test-relay")
+    await broker.start()
+    stop = asyncio.Event()
+    relays = [OutboxRelay(database_url, "svc", pool, broker, batch_size=50) for _ in range(2)]
+    tasks = [asyncio.create_task(r.run(stop)) for r in relays]
+    try:
+        events = [_lead("same@example.com") for _ in range(120)]
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                await enqueue_many(conn, [(topics.LEADS, e) for e in events[:60]])
+            # A rolled-back transaction publishes nothing.
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    await enqueue_many(conn, [(topics.LEADS, _lead("ghost@example.com"))])
+                    raise RuntimeError("rollback")
+            async with conn.transaction():
+                await enqueue_many(conn, [(topics.LEADS, e) for e in events[60:]])
+        records = await _read(kafka_bootstrap, topics.LEADS, 120)
+        assert [r.value for r in records] == [e.to_bytes() for e in events]  # one key: in order
+        assert sum(r.is_leader for r in relays) == 1
+        unpublished = await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        assert unpublished == 0
+        assert b"ghost@example.com" not in b"".join(r.value for r in records)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await broker.stop()
+
+
+class Recorder:
+    """A handler that records what it applied and can be told to fail."""
+
+    def __init__(self) -> None:
+        self.transient_failures = 0
+        self.poison: set[str] = set()
+        self.reject: set[str] = set()
+        self.calls = 0
+
+    async def __call__(self, conn: asyncpg.Connection, events: list[Any]) -> list[Rejection]:
+        self.calls += 1
+        if self.transient_failures:
+            self.transient_failures -= 1
+            raise ConnectionResetError("database went away")
+        rejections = []
+        for event in events:
+            if event.lead.email in self.poison:
+                raise KeyError("a bug that only this event triggers")
+            if event.lead.email in self.reject:
+                rejections.append(Rejection(event, "rule: rejected address"))
+                continue
+            await conn.execute(
+                "INSERT INTO applied (event_id, email) VALUES ($1, $2)",
+                event.event_id,
+                event.lead.email,
+            )
+        return rejections
+
+
+async def _consume_until(
+    pool: asyncpg.Pool,
+    kafka: str,
+    recorder: Recorder,
+    records: list[tuple[bytes, bytes]],
+    *,
+    applied: int,
+    dead: int,
+) -> tuple[list[asyncpg.Record], list[Any]]:
+    await create_topics(kafka, 2)
+    broker = new_broker(kafka, "test-consumer")
+    EventConsumer(
+        service="svc",
+        pool=pool,
+        broker=broker,
+        handlers={topics.LEADS: recorder},
+        session_timeout_ms=3000,
+        max_batch=50,
+    )
+    await broker.start()
+    try:
+        await publish_all(
+            broker, [OutgoingRecord(topics.LEADS, key, value) for key, value in records]
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if await pool.fetchval("SELECT count(*) FROM applied") >= applied:
+                break
+            await asyncio.sleep(0.1)
+        dead_letters = await _read(kafka, topics.dlq(topics.LEADS), dead)
+        await asyncio.sleep(0.5)  # nothing more may arrive
+        rows = await pool.fetch("SELECT event_id, email FROM applied ORDER BY at")
+        return rows, dead_letters
+    finally:
+        await broker.stop()
+
+
+def _record(event: Event) -> tuple[bytes, bytes]:
+    return event.kafka_key(), event.to_bytes()
+
+
+async def test_consumer_dedupes_dead_letters_and_keeps_going(
+    pool: asyncpg.Pool, kafka_bootstrap: str
+) -> None:
+    recorder = Recorder()
+    recorder.reject = {"reject@example.com"}
+    good = [_lead(f"lead{i}@example.com") for i in range(5)]
+    records = [
+        _record(good[0]),
+        (b"x", b"{not json"),
+        _record(good[1]),
+        _record(good[1]),  # redelivered: same event_id
+        _record(_lead("reject@example.com")),
+        *[_record(e) for e in good[2:]],
+    ]
+    rows, dead = await _consume_until(pool, kafka_bootstrap, recorder, records, applied=5, dead=2)
+    assert sorted(r["email"] for r in rows) == sorted(e.lead.email for e in good)
+    reasons = sorted(dict(r.headers)["dlq-reason"].decode() for r in dead)
+    assert reasons[0].startswith("invalid event") and reasons[1] == "rule: rejected address"
+    assert {r.value for r in dead} >= {b"{not json"}
+    # A rejected event is not remembered as applied: a replay after a fix re-evaluates it.
+    inbox = await pool.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'svc'")
+    assert inbox == 5
+
+
+async def test_transient_failures_are_retried_not_dead_lettered(
+    pool: asyncpg.Pool, kafka_bootstrap: str
+) -> None:
+    recorder = Recorder()
+    recorder.transient_failures = 3
+    events = [_lead(f"t{i}@example.com") for i in range(4)]
+    rows, dead = await _consume_until(
+        pool, kafka_bootstrap, recorder, [_record(e) for e in events], applied=4, dead=0
+    )
+    assert sorted(r["email"] for r in rows) == sorted(e.lead.email for e in events)
+    assert dead == [] and recorder.calls >= 4
+
+
+async def test_a_poison_event_is_isolated_and_its_neighbours_applied(
+    pool: asyncpg.Pool, kafka_bootstrap: str
+) -> None:
+    recorder = Recorder()
+    recorder.poison = {"poison@example.com"}
+    events = [_lead("a@example.com"), _lead("poison@example.com"), _lead("b@example.com")]
+    # One key, one partition: the three arrive in one batch.
+    records = [(b"same", e.to_bytes()) for e in events]
+    rows, dead = await _consume_until(pool, kafka_bootstrap, recorder, records, applied=2, dead=1)
+    assert sorted(r["email"] for r in rows) == ["a@example.com", "b@example.com"]
+    assert len(dead) == 1
+    assert dict(dead[0].headers)["dlq-reason"].decode().startswith("handler error: KeyError")
+    assert uuid.UUID(str(events[1].event_id))
