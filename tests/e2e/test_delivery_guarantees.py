@@ -34,7 +34,8 @@ async def _snapshot(d: Deployment) -> dict[str, object]:
         "enrollments": [
             tuple(r)
             for r in await d.fetch(
-                "SELECT id, status, position, cursor, steps_done FROM nurture.enrollments ORDER BY id"
+                "SELECT id, status, position, cursor, steps_done"
+                " FROM nurture.enrollments ORDER BY id"
             )
         ],
         "deliveries": [
