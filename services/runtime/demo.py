@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import email.utils
 import json
 import time
 import urllib.error
