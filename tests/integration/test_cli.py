@@ -137,3 +137,39 @@ def test_replay_of_an_unknown_topic_is_refused(kafka_bootstrap: str) -> None:
     result = touchstream("dlq", "replay", "nope", env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap})
     assert result.returncode == 2
     assert "unknown topic 'nope'" in result.stderr
+
+
+def test_sigterm_shuts_a_service_down_gracefully(
+    database_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    import signal
+
+    from services.runtime.devstack import wait_for_port
+
+    env = {
+        "DATABASE_URL": database_url,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "ROUTER_HTTP_PORT": str(free_port()),
+        "KAFKA_SESSION_TIMEOUT_MS": "3000",
+    }
+    assert touchstream("topics", "create", env=env).returncode == 0
+    log = tmp_path / "router.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.runtime.cli", "run", "router"],
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        wait_for_port("127.0.0.1", int(env["ROUTER_HTTP_PORT"]), 60, proc, "router", log)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - started < 20
+        assert "router stopped" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
