@@ -119,6 +119,29 @@ class LeadRouted(Event):
 # ------------------------------------------------------------------------- nurture
 
 
+class LeadAction(StrEnum):
+    UPDATE_STATUS = "update_status"
+    TAG = "tag_lead"
+    MARK_QUALIFIED = "mark_qualified"
+    ASSIGN = "assign_to_user"
+
+
+class LeadUpdateRequested(Event):
+    """A sequence action asks the router to change a lead (topic ``lead-updates``)."""
+
+    event_type: Literal["LeadUpdateRequested"] = "LeadUpdateRequested"
+    lead_id: uuid.UUID
+    action: LeadAction
+    #: For ``update_status``: the new status (``mark_qualified`` means "qualified").
+    status: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    assignee: str | None = Field(default=None, max_length=200)
+    reason: str = ""
+    #: Who asks, e.g. "sequence:aggressive_close v2 step s5".
+    requested_by: str
+    enrollment_id: uuid.UUID | None = None
+
+
 class RenderedMessage(BaseModel):
     """A fully rendered email: the sender never renders templates."""
 
@@ -308,6 +331,7 @@ TOPIC_EVENTS: dict[str, TypeAdapter[Any]] = {
     topics.EMAIL_SENT: TypeAdapter(EmailOutcome),
     topics.ENGAGEMENT: TypeAdapter(EngagementReceived),
     topics.WEBHOOKS_RAW: TypeAdapter(WebhookReceived),
+    topics.LEAD_UPDATES: TypeAdapter(LeadUpdateRequested),
 }
 
 

@@ -10,8 +10,18 @@ STEP_DUE: Final = "step-due"
 EMAIL_SENT: Final = "email-sent"
 ENGAGEMENT: Final = "engagement"
 WEBHOOKS_RAW: Final = "webhooks-raw"
+#: Sequence actions on a lead (status, tags, owner), applied by the router.
+LEAD_UPDATES: Final = "lead-updates"
 
-ALL: Final[tuple[str, ...]] = (LEADS, LEAD_ROUTED, STEP_DUE, EMAIL_SENT, ENGAGEMENT, WEBHOOKS_RAW)
+ALL: Final[tuple[str, ...]] = (
+    LEADS,
+    LEAD_ROUTED,
+    STEP_DUE,
+    EMAIL_SENT,
+    ENGAGEMENT,
+    WEBHOOKS_RAW,
+    LEAD_UPDATES,
+)
 
 DLQ_SUFFIX: Final = "-dlq"
 

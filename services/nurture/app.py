@@ -1,20 +1,20 @@
-"""Nurture wiring: consumer, scheduler, HTTP face."""
+"""Nurture wiring: consumer, scheduler, notification dispatcher, HTTP face."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from fastapi import FastAPI, HTTPException
+import httpx
+from fastapi import FastAPI
 
 from schemas import topics
 from schemas.events import EmailFailed, EmailSent, EngagementReceived, LeadRouted
-from services.nurture import handlers, repo
+from services.nurture import api, handlers, notify, repo
 from services.nurture.presets import PRESETS
 from services.runtime.consumer import Rejection, TopicHandler, is_transient
 from services.runtime.service import BackgroundLoop, Service
@@ -31,6 +31,7 @@ class NurtureService(Service[NurtureSettings]):
         super().__init__(*args, **kwargs)
         self.steps = handlers.StepCache()
         self._due = asyncio.Event()
+        self._notifications = asyncio.Event()
 
     def topic_handlers(self) -> dict[str, TopicHandler]:
         return {
@@ -40,10 +41,12 @@ class NurtureService(Service[NurtureSettings]):
         }
 
     def produced_topics(self) -> list[str]:
-        return [topics.STEP_DUE]
+        return [topics.STEP_DUE, topics.LEAD_UPDATES]
 
     def after_commit(self) -> None:
         self._due.set()  # new enrollments or advanced ones may be due right now
+        self._notifications.set()
+        self.wake_relay()
 
     async def on_started(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -66,7 +69,7 @@ class NurtureService(Service[NurtureSettings]):
         await handlers.handle_engagement(conn, events, now=self.clock.now())
 
     def background_loops(self) -> list[BackgroundLoop]:
-        return [self.scheduler]
+        return [self.scheduler, self.notifier]
 
     async def scheduler(self, stop: asyncio.Event) -> None:
         """Claim due enrollments in batches (FOR UPDATE SKIP LOCKED) and advance them.
@@ -95,46 +98,63 @@ class NurtureService(Service[NurtureSettings]):
                 continue
             if claimed:
                 self.wake_relay()
+                self._notifications.set()
             if claimed < settings.scheduler_batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._due.wait(), settings.scheduler_idle_seconds)
 
+    async def notifier(self, stop: asyncio.Event) -> None:
+        """Deliver `notify` webhooks, signed, with retries (at least once)."""
+        settings = self.settings
+        secret = (
+            settings.webhook_secret.get_secret_value().encode()
+            if (settings.webhook_secret)
+            else b""
+        )
+        async with httpx.AsyncClient(timeout=settings.webhook_timeout_seconds) as client:
+            while not stop.is_set():
+                self._notifications.clear()
+                try:
+                    sent = await self._notify_batch(client, secret)
+                except Exception as exc:
+                    log.warning("notifier: %r", exc)
+                    sent = 0
+                if not sent:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._notifications.wait(), 1.0)
+
+    async def _notify_batch(self, client: httpx.AsyncClient, secret: bytes) -> int:
+        max_attempts = self.settings.webhook_max_attempts
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await repo.claim_notifications(conn, 20)
+            for row in rows:
+                body = notify.encode({"id": str(row["id"]), **row["payload"]})
+                headers = {
+                    "Content-Type": "application/json",
+                    "User-Agent": "touchstream-webhooks/1",
+                }
+                if secret:
+                    headers["X-Touchstream-Signature"] = notify.signature_header(secret, body)
+                error: str | None = None
+                status: int | None = None
+                try:
+                    response = await client.post(row["url"], content=body, headers=headers)
+                    status = response.status_code
+                    if status >= 300:
+                        error = f"HTTP {status}"
+                except httpx.HTTPError as exc:
+                    error = repr(exc)
+                attempts = row["attempts"] + 1
+                await repo.finish_notification(
+                    conn,
+                    row["id"],
+                    delivered=error is None,
+                    failed=error is not None and attempts >= max_attempts,
+                    error=error,
+                    response_status=status,
+                    retry_in=notify.retry_delay(attempts),
+                )
+        return len(rows)
+
     def add_routes(self, app: FastAPI) -> None:
-        @app.get("/enrollments", tags=["enrollments"])
-        async def list_enrollments(
-            lead_id: uuid.UUID, tenant_id: str = "default"
-        ) -> dict[str, Any]:
-            items = await repo.enrollments_of_lead(self.pool, tenant_id, lead_id)
-            return {"items": [_enrollment_view(e) for e in items]}
-
-        @app.get("/enrollments/{enrollment_id}", tags=["enrollments"])
-        async def get_enrollment(enrollment_id: uuid.UUID) -> dict[str, Any]:
-            enrollment = await repo.get_enrollment(self.pool, enrollment_id)
-            if enrollment is None:
-                raise HTTPException(404, f"no enrollment {enrollment_id}")
-            view = _enrollment_view(enrollment)
-            view["log"] = await repo.execution_log(self.pool, enrollment_id)
-            return view
-
-        @app.get("/sequences", tags=["sequences"])
-        async def list_sequences(tenant_id: str = "default") -> dict[str, Any]:
-            return {"items": await repo.list_sequences(self.pool, tenant_id)}
-
-
-def _enrollment_view(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "tenant_id": row["tenant_id"],
-        "lead_id": row["lead_id"],
-        "sequence_id": row["sequence_id"],
-        "sequence": row["sequence_key"],
-        "version": row["version"],
-        "status": row["status"],
-        "current_step": row["position"],
-        "steps_done": row["steps_done"],
-        "next_action_at": row["next_action_at"],
-        "stop_reason": row["stop_reason"],
-        "enrolled_at": row["enrolled_at"],
-        "last_activity_at": row["last_activity_at"],
-        "finished_at": row["finished_at"],
-    }
+        api.install(app, self)

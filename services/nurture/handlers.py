@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,13 +15,26 @@ from schemas.events import (
     EmailFailed,
     EmailSent,
     EngagementReceived,
+    EngagementType,
     FailureKind,
+    LeadAction,
     LeadRouted,
+    LeadUpdateRequested,
     RenderedMessage,
     StepDue,
 )
 from services.nurture import domain, repo
-from services.nurture.domain import Advance, EnrollmentState, LogEntry, Step
+from services.nurture.domain import (
+    Advance,
+    EngagementFact,
+    EnrollmentState,
+    Facts,
+    LogEntry,
+    SentEmail,
+    SequenceContext,
+    Step,
+)
+from services.nurture.model import parse_settings
 from services.nurture.presets import PRESETS
 from services.nurture.templates import RenderError, render, template_context
 from services.runtime.consumer import Rejection
@@ -29,7 +43,7 @@ from services.runtime.outbox import enqueue_many
 
 class StepCache:
     """Steps per sequence version. A version never changes once enrollments run on
-    it, so caching is safe."""
+    it (it is frozen), so caching is safe."""
 
     def __init__(self) -> None:
         self._steps: dict[uuid.UUID, list[Step]] = {}
@@ -45,27 +59,75 @@ class StepCache:
 def _state(row: asyncpg.Record) -> EnrollmentState:
     return EnrollmentState(
         id=row["id"],
+        lead_id=row["lead_id"],
         position=row["position"],
         cursor=row["cursor"],
         steps_done=row["steps_done"],
         thread_delivery_key=row["thread_delivery_key"],
+        due_since=row["due_since"],
+        lead_timezone=(row["lead"] or {}).get("timezone"),
     )
+
+
+@dataclass
+class Context:
+    """What a batch of enrollments needs beyond their own rows."""
+
+    steps: dict[uuid.UUID, list[Step]]
+    sequences: dict[uuid.UUID, SequenceContext]
+    facts: dict[uuid.UUID, Facts]
+
+
+async def load_context(
+    conn: asyncpg.Connection, rows: Sequence[asyncpg.Record], cache: StepCache
+) -> Context:
+    steps = {v: await cache.get(conn, v) for v in {r["sequence_version_id"] for r in rows}}
+    settings = await repo.sequence_settings(conn, [r["sequence_id"] for r in rows])
+    sequences: dict[uuid.UUID, SequenceContext] = {}
+    for row in rows:
+        parsed = parse_settings(settings.get(row["sequence_id"]) or {})
+        sequences[row["id"]] = SequenceContext(
+            row["sequence_key"], row["version"], parsed.window(), parsed.tracking
+        )
+    sent, engaged = await repo.facts_for(conn, [r["id"] for r in rows])
+    key_of = {s.id: s.key for version in steps.values() for s in version}
+    facts: dict[uuid.UUID, Facts] = {}
+    for row in rows:
+        facts[row["id"]] = Facts(
+            sent=tuple(
+                SentEmail(key_of.get(s["step_id"], ""), s["sent_at"])
+                for s in sent
+                if s["enrollment_id"] == row["id"]
+            ),
+            engagements=tuple(
+                EngagementFact(
+                    e["type"],
+                    key_of.get(e["step_id"]) if e["step_id"] else None,
+                    e["occurred_at"],
+                    e["machine"],
+                )
+                for e in engaged
+                if e["enrollment_id"] == row["id"]
+            ),
+        )
+    return Context(steps, sequences, facts)
 
 
 def render_step_due(
     row: asyncpg.Record | dict[str, Any], advance: Advance, now: datetime
 ) -> StepDue:
     """The StepDue for an emitted email: rendered here, once; raises RenderError."""
-    assert advance.email is not None
-    step = advance.email.step
+    due = advance.email
+    assert due is not None
     lead = row["lead"]
-    context = template_context(lead, step.config.get("fallbacks"))
-    subject = render(step.config.get("subject", ""), context).strip()
+    context = template_context(lead, due.step.config.get("fallbacks"))
+    subject = " ".join(render(due.subject, context).split())
+    if due.reply_to_thread and row["thread_subject"]:
+        subject = "Re: " + str(row["thread_subject"]).removeprefix("Re: ")
     if not subject:
         raise RenderError("the subject is empty")
-    text = render(step.config.get("text", ""), context)
-    html_source = step.config.get("html")
-    html = render(html_source, context, html=True) if html_source else None
+    text = render(due.text, context) if due.text else ""
+    html = render(due.html, context, html=True) if due.html else None
     name = " ".join(p for p in (lead.get("first_name"), lead.get("last_name")) if p) or None
     return StepDue(
         tenant_id=row["tenant_id"],
@@ -74,30 +136,47 @@ def render_step_due(
         sequence_id=row["sequence_id"],
         sequence_key=row["sequence_key"],
         sequence_version=row["version"],
-        step_id=step.id,
-        step_index=step.position,
-        delivery_key=advance.email.delivery_key,
-        thread_delivery_key=advance.email.thread_delivery_key,
+        step_id=due.step.id,
+        step_index=due.step.position,
+        variant=due.variant,
+        delivery_key=due.delivery_key,
+        thread_delivery_key=due.thread_delivery_key,
         due_at=now,
         message=RenderedMessage(
             to_email=lead["email"], to_name=name, subject=subject, text=text, html=html
         ),
-        tracking=bool(step.config.get("tracking", True)),
+        tracking=due.tracking,
     )
 
 
-async def _apply(
+_LEAD_ACTIONS = {
+    "update_status": LeadAction.UPDATE_STATUS,
+    "mark_qualified": LeadAction.MARK_QUALIFIED,
+    "tag_lead": LeadAction.TAG,
+    "assign_to_user": LeadAction.ASSIGN,
+}
+
+
+async def apply_advances(
     conn: asyncpg.Connection,
     items: Sequence[tuple[asyncpg.Record, Advance]],
     now: datetime,
+    *,
+    cache: StepCache,
 ) -> None:
-    """Write each enrollment's new state, its log and its StepDue in this transaction."""
-    outgoing: list[tuple[str, StepDue]] = []
+    """Write each enrollment's new state, its log and what it emits, in this transaction."""
+    outgoing: list[tuple[str, Any]] = []
     log: list[tuple[str, uuid.UUID, LogEntry]] = []
+    updates: list[tuple[uuid.UUID, Advance, str | None]] = []
+    moves: list[tuple[asyncpg.Record, str]] = []
     for row, advance in items:
+        thread_subject: str | None = None
         if advance.email is not None:
             try:
-                outgoing.append((topics.STEP_DUE, render_step_due(row, advance, now)))
+                step_due = render_step_due(row, advance, now)
+                outgoing.append((topics.STEP_DUE, step_due))
+                if advance.email.delivery_key == advance.thread_delivery_key:
+                    thread_subject = step_due.message.subject
             except RenderError as exc:
                 advance.status = "stopped"
                 advance.stop_reason = f"render failed: {exc}"
@@ -106,18 +185,127 @@ async def _apply(
                     LogEntry(advance.email.step.position, "stopped", advance.stop_reason)
                 )
                 advance.email = None
+        requested_by = f"sequence:{row['sequence_key']} v{row['version']}"
+        for update in advance.lead_updates:
+            outgoing.append(
+                (
+                    topics.LEAD_UPDATES,
+                    LeadUpdateRequested(
+                        tenant_id=row["tenant_id"],
+                        lead_id=row["lead_id"],
+                        action=_LEAD_ACTIONS[update.action],
+                        status=update.status,
+                        tags=list(update.tags),
+                        assignee=update.user,
+                        reason=update.reason,
+                        requested_by=requested_by,
+                        enrollment_id=row["id"],
+                    ),
+                )
+            )
+        for notification in advance.notifications:
+            await repo.insert_notification(
+                conn,
+                row["tenant_id"],
+                row["id"],
+                notification.url,
+                {
+                    "event": "sequence.notify",
+                    "tenant_id": row["tenant_id"],
+                    "lead_id": str(row["lead_id"]),
+                    "lead": row["lead"],
+                    "enrollment_id": str(row["id"]),
+                    "sequence": row["sequence_key"],
+                    "version": row["version"],
+                    "occurred_at": now.isoformat(),
+                    **notification.payload,
+                },
+            )
+        if advance.move_to is not None:
+            moves.append((row, advance.move_to))
         log += [(row["tenant_id"], row["id"], entry) for entry in advance.log]
-    await repo.apply_advances(conn, [(row["id"], a) for row, a in items], now)
+        updates.append((row["id"], advance, thread_subject))
+    await repo.apply_advances(conn, updates, now)
     await repo.write_log(conn, log, now)
     await enqueue_many(conn, outgoing)
+    for row, target in moves:
+        await _move(conn, row, target, now)
+
+
+async def _move(conn: asyncpg.Connection, row: asyncpg.Record, target: str, now: datetime) -> None:
+    sequence = await repo.active_sequence(conn, row["tenant_id"], target)
+    if sequence is None or sequence["status"] != "active":
+        await repo.write_log(
+            conn,
+            [
+                (
+                    row["tenant_id"],
+                    row["id"],
+                    LogEntry(None, "move_failed", f"sequence {target!r} is not active"),
+                )
+            ],
+            now,
+        )
+        return
+    await enroll(
+        conn,
+        tenant_id=row["tenant_id"],
+        sequence=sequence,
+        leads=[(row["lead_id"], row["lead"])],
+        now=now,
+    )
+
+
+async def enroll(
+    conn: asyncpg.Connection,
+    *,
+    tenant_id: str,
+    sequence: Mapping[str, Any],
+    leads: Sequence[tuple[uuid.UUID, dict[str, Any]]],
+    now: datetime,
+) -> set[uuid.UUID]:
+    """Enroll leads in an active sequence; returns the leads that were enrolled (the
+    others are running in it already, or suppressed)."""
+    suppressed = await repo.suppressed_leads(conn, tenant_id, [lead_id for lead_id, _ in leads])
+    rows = []
+    ids: dict[uuid.UUID, uuid.UUID] = {}
+    for lead_id, snapshot in leads:
+        if lead_id in suppressed:
+            continue
+        enrollment_id = uuid.uuid4()
+        ids[enrollment_id] = lead_id
+        rows.append(
+            (
+                enrollment_id,
+                tenant_id,
+                lead_id,
+                sequence["id"],
+                sequence["version_id"],
+                sequence["key"],
+                sequence["version"],
+                snapshot,
+                now,
+                now,
+                domain.company_domain(snapshot["email"]),
+            )
+        )
+    created = await repo.insert_enrollments_returning(conn, rows)
+    return {ids[e] for e in created}
 
 
 async def handle_lead_routed(
     conn: asyncpg.Connection, events: list[LeadRouted], *, now: datetime
 ) -> list[Rejection]:
+    await repo.upsert_leads(
+        conn,
+        [
+            (e.tenant_id, e.lead_id, e.lead.email, e.lead.model_dump(mode="json"), now)
+            for e in events
+        ],
+    )
     rejections: list[Rejection] = []
-    rows: list[tuple[Any, ...]] = []
     sequences: dict[tuple[str, str], asyncpg.Record | None] = {}
+    batches: dict[tuple[str, str], list[tuple[uuid.UUID, dict[str, Any]]]] = {}
     for event in events:
         cache_key = (event.tenant_id, event.sequence)
         if cache_key not in sequences:
@@ -135,21 +323,13 @@ async def handle_lead_routed(
                 Rejection(event, f"sequence {event.sequence!r} is {sequence['status']}")
             )
             continue
-        rows.append(
-            (
-                uuid.uuid4(),
-                event.tenant_id,
-                event.lead_id,
-                sequence["id"],
-                sequence["version_id"],
-                sequence["key"],
-                sequence["version"],
-                event.lead.model_dump(mode="json"),
-                now,
-                now,
-            )
+        batches.setdefault(cache_key, []).append(
+            (event.lead_id, event.lead.model_dump(mode="json"))
         )
-    await repo.insert_enrollments(conn, rows)
+    for (tenant_id, _key), leads in batches.items():
+        sequence = sequences[(tenant_id, _key)]
+        assert sequence is not None
+        await enroll(conn, tenant_id=tenant_id, sequence=sequence, leads=leads, now=now)
     return rejections
 
 
@@ -162,16 +342,39 @@ async def handle_email_outcome(
 ) -> None:
     advanced: list[tuple[asyncpg.Record, Advance]] = []
     for event in events:
+        if isinstance(event, EmailSent):
+            await repo.record_sent_email(
+                conn,
+                event.delivery_key,
+                event.enrollment_id,
+                event.step_id,
+                event.variant,
+                event.message_id,
+                event.sent_at,
+                event.uncertain,
+            )
         row = await repo.enrollment_for_update(conn, event.enrollment_id)
         if (
             row is None
-            or row["status"] != "awaiting_send"
+            or row["status"] not in ("awaiting_send", "paused")
             or row["awaiting_delivery_key"] != event.delivery_key
         ):
             continue  # stopped meanwhile, or an outcome we already applied
         if isinstance(event, EmailSent):
-            version_steps = await steps.get(conn, row["sequence_version_id"])
-            advance = domain.after_email_sent(_state(row), version_steps, event.sent_at)
+            context = await load_context(conn, [row], steps)
+            if row["status"] == "paused":
+                # Paused while the email was on its way: record it, go no further.
+                advance = domain.sent_while_paused(
+                    _state(row), context.steps[row["sequence_version_id"]], event.sent_at
+                )
+            else:
+                advance = domain.after_email_sent(
+                    _state(row),
+                    context.steps[row["sequence_version_id"]],
+                    event.sent_at,
+                    context.facts[row["id"]],
+                    context.sequences[row["id"]],
+                )
             note = " (uncertain: the sender crashed around the hand-off)" if event.uncertain else ""
             advance.log.insert(
                 0, LogEntry(event.step_index, "email_sent", f"sent {event.message_id}{note}")
@@ -188,7 +391,7 @@ async def handle_email_outcome(
                 now,
             )
     if advanced:
-        await _apply(conn, advanced, now)
+        await apply_advances(conn, advanced, now, cache=steps)
 
 
 async def handle_engagement(
@@ -203,6 +406,7 @@ async def handle_engagement(
                 e.lead_id,
                 e.enrollment_id,
                 e.step_index,
+                e.step_id,
                 e.engagement_type.value,
                 e.machine,
                 e.occurred_at,
@@ -213,33 +417,67 @@ async def handle_engagement(
     for event in events:
         reason = domain.stop_reason_for(event)
         if reason is None:
+            await repo.wake_waiting(conn, event.tenant_id, event.lead_id, now)
             continue
+        if event.suppresses_address:
+            await repo.suppress_lead(conn, event.tenant_id, event.lead_id, reason)
         running = await repo.running_enrollments_for_update(conn, event.tenant_id, event.lead_id)
-        if not running:
-            continue
-        await repo.stop_enrollments(conn, [r["id"] for r in running], reason, now)
-        await repo.write_log(
-            conn,
-            [
-                (
-                    r["tenant_id"],
-                    r["id"],
-                    LogEntry(event.step_index, "stopped", f"stopped: {reason}"),
+        stopped = {r["id"] for r in running}
+        log = [
+            (r["tenant_id"], r["id"], LogEntry(event.step_index, "stopped", f"stopped: {reason}"))
+            for r in running
+        ]
+        if running:
+            await repo.stop_enrollments(conn, list(stopped), reason, now)
+        if event.engagement_type is EngagementType.REPLIED:
+            for row in await _company_stops(conn, event, stopped):
+                await repo.stop_enrollments(conn, [row["id"]], "company replied", now)
+                log.append(
+                    (
+                        row["tenant_id"],
+                        row["id"],
+                        LogEntry(
+                            None, "stopped", f"stopped: someone at {row['company_domain']} replied"
+                        ),
+                    )
                 )
-                for r in running
-            ],
-            now,
-        )
+        await repo.write_log(conn, log, now)
+
+
+async def _company_stops(
+    conn: asyncpg.Connection, event: EngagementReceived, already: set[uuid.UUID]
+) -> list[asyncpg.Record]:
+    """Enrollments to stop because a colleague replied, where the sequence asks for it."""
+    company = domain.company_domain(event.email)
+    if company is None or event.sequence_id is None:
+        return []
+    settings = await repo.sequence_settings(conn, [event.sequence_id])
+    if not parse_settings(settings.get(event.sequence_id) or {}).company_stop:
+        return []
+    rows = await repo.running_at_company_for_update(conn, event.tenant_id, company)
+    return [r for r in rows if r["id"] not in already and r["lead_id"] != event.lead_id]
 
 
 async def run_due(conn: asyncpg.Connection, *, now: datetime, limit: int, steps: StepCache) -> int:
-    """One scheduler round: claim due enrollments, advance them, emit what is due."""
+    """One scheduler round: resume what a pause released, claim due enrollments,
+    advance them, emit what is due."""
+    await repo.resume_due(conn, now)
     rows = await repo.claim_due(conn, now, limit)
     if not rows:
         return 0
+    context = await load_context(conn, rows, steps)
     items = [
-        (row, domain.advance(_state(row), await steps.get(conn, row["sequence_version_id"]), now))
+        (
+            row,
+            domain.advance(
+                _state(row),
+                context.steps[row["sequence_version_id"]],
+                now,
+                context.facts[row["id"]],
+                context.sequences[row["id"]],
+            ),
+        )
         for row in rows
     ]
-    await _apply(conn, items, now)
+    await apply_advances(conn, items, now, cache=steps)
     return len(rows)

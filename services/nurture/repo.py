@@ -15,7 +15,8 @@ from services.nurture.presets import Preset
 ENROLLMENT_COLUMNS = (
     "id, tenant_id, lead_id, sequence_id, sequence_version_id, sequence_key, version, lead,"
     " status, position, cursor, next_action_at, awaiting_delivery_key, thread_delivery_key,"
-    " steps_done, stop_reason, enrolled_at, last_activity_at, finished_at"
+    " steps_done, stop_reason, enrolled_at, last_activity_at, finished_at, due_since,"
+    " waiting_on, thread_subject, paused_until, company_domain"
 )
 
 
@@ -36,17 +37,14 @@ async def ensure_preset(conn: asyncpg.Connection, tenant_id: str, preset: Preset
         return
     version_id = uuid.uuid4()
     await conn.execute(
-        "INSERT INTO sequence_versions (id, sequence_id, version) VALUES ($1, $2, 1)",
+        "INSERT INTO sequence_versions (id, sequence_id, version, frozen) VALUES ($1, $2, 1, true)",
         version_id,
         sequence_id,
     )
-    await conn.executemany(
-        "INSERT INTO steps (id, sequence_version_id, position, kind, config)"
-        " VALUES ($1, $2, $3, $4, $5)",
-        [
-            (uuid.uuid4(), version_id, position, kind, config)
-            for position, (kind, config) in enumerate(preset.steps())
-        ],
+    await insert_steps(
+        conn,
+        version_id,
+        [(f"s{n + 1}", kind, config) for n, (kind, config) in enumerate(preset.steps())],
     )
 
 
@@ -64,37 +62,117 @@ async def active_sequence(
     )
 
 
-async def steps_of_version(conn: asyncpg.Connection, version_id: uuid.UUID) -> list[Step]:
+async def steps_of_version(
+    conn: asyncpg.Connection | asyncpg.Pool, version_id: uuid.UUID
+) -> list[Step]:
     rows = await conn.fetch(
-        "SELECT id, position, kind, config FROM steps WHERE sequence_version_id = $1"
+        "SELECT id, position, key, kind, config FROM steps WHERE sequence_version_id = $1"
         " ORDER BY position",
         version_id,
     )
-    return [Step(r["id"], r["position"], r["kind"], r["config"]) for r in rows]
+    return [Step(r["id"], r["position"], r["key"], r["kind"], r["config"]) for r in rows]
 
 
-async def insert_enrollments(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
-    """Insert new enrollments; one already running for (lead, sequence) is left alone.
+async def insert_steps(
+    conn: asyncpg.Connection,
+    version_id: uuid.UUID,
+    steps: Sequence[tuple[str, str, dict[str, Any]]],
+) -> None:
+    """Steps as (key, kind, config), in order."""
+    await conn.executemany(
+        "INSERT INTO steps (id, sequence_version_id, position, key, kind, config)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            (uuid.uuid4(), version_id, position, key, kind, config)
+            for position, (key, kind, config) in enumerate(steps)
+        ],
+    )
 
-    Row: (id, tenant_id, lead_id, sequence_id, version_id, sequence_key, version, lead,
-    next_action_at, enrolled_at). Returns how many were inserted.
-    """
+
+async def delete_steps(conn: asyncpg.Connection, version_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM steps WHERE sequence_version_id = $1", version_id)
+
+
+async def insert_enrollments_returning(
+    conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]
+) -> list[uuid.UUID]:
+    """Like insert_enrollments; returns the ids of the enrollments created."""
     if not rows:
-        return 0
+        return []
     columns = list(zip(*rows, strict=True))
-    inserted = await conn.fetchval(
-        "WITH ins AS (INSERT INTO enrollments (id, tenant_id, lead_id, sequence_id,"
+    records = await conn.fetch(
+        "INSERT INTO enrollments (id, tenant_id, lead_id, sequence_id,"
         " sequence_version_id, sequence_key, version, lead, status, next_action_at,"
-        " enrolled_at, last_activity_at)"
-        " SELECT i, t, l, s, v, k, n, d, 'active', a, e, e FROM unnest($1::uuid[], $2::text[],"
-        " $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::int[], $8::jsonb[],"
-        " $9::timestamptz[], $10::timestamptz[]) AS u(i, t, l, s, v, k, n, d, a, e)"
+        " enrolled_at, last_activity_at, company_domain)"
+        " SELECT i, t, l, s, v, k, n, d, 'active', a, e, e, c FROM unnest($1::uuid[],"
+        " $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::int[], $8::jsonb[],"
+        " $9::timestamptz[], $10::timestamptz[], $11::text[]) AS u(i, t, l, s, v, k, n, d, a, e, c)"
         " ON CONFLICT (tenant_id, lead_id, sequence_id)"
-        "   WHERE status IN ('active', 'awaiting_send', 'paused') DO NOTHING"
-        " RETURNING 1) SELECT count(*) FROM ins",
+        "   WHERE status IN ('active', 'awaiting_send', 'paused') DO NOTHING RETURNING id",
         *[list(c) for c in columns],
     )
-    return int(inserted)
+    return [r["id"] for r in records]
+
+
+async def insert_notification(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    enrollment_id: uuid.UUID,
+    url: str,
+    payload: dict[str, Any],
+) -> None:
+    await conn.execute(
+        "INSERT INTO notifications (id, tenant_id, enrollment_id, url, payload)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        uuid.uuid4(),
+        tenant_id,
+        enrollment_id,
+        url,
+        payload,
+    )
+
+
+async def claim_notifications(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT id, tenant_id, url, payload, attempts FROM notifications"
+        " WHERE status = 'pending' AND next_attempt_at <= clock_timestamp()"
+        " ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        limit,
+    )
+
+
+async def finish_notification(
+    conn: asyncpg.Connection,
+    notification_id: uuid.UUID,
+    *,
+    delivered: bool,
+    failed: bool,
+    error: str | None,
+    response_status: int | None,
+    retry_in: float,
+) -> None:
+    await conn.execute(
+        "UPDATE notifications SET attempts = attempts + 1, last_error = $3,"
+        " response_status = $4,"
+        " status = CASE WHEN $2 THEN 'delivered' WHEN $5 THEN 'failed' ELSE 'pending' END,"
+        " delivered_at = CASE WHEN $2 THEN clock_timestamp() END,"
+        " next_attempt_at = clock_timestamp() + make_interval(secs => $6) WHERE id = $1",
+        notification_id,
+        delivered,
+        error,
+        response_status,
+        failed,
+        retry_in,
+    )
+
+
+async def notifications_of(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT id, url, status, attempts, response_status, last_error, created_at,"
+        " delivered_at FROM notifications WHERE enrollment_id = $1 ORDER BY created_at",
+        enrollment_id,
+    )
+    return [dict(r) for r in rows]
 
 
 async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
@@ -128,13 +206,17 @@ async def running_enrollments_for_update(
 
 
 async def apply_advances(
-    conn: asyncpg.Connection, items: Sequence[tuple[uuid.UUID, Advance]], now: datetime
+    conn: asyncpg.Connection,
+    items: Sequence[tuple[uuid.UUID, Advance, str | None]],
+    now: datetime,
 ) -> None:
+    """Write each enrollment's new state. Items: (id, advance, thread subject)."""
     await conn.executemany(
         "UPDATE enrollments SET status = $2::text, position = $3, cursor = $4, steps_done = $5,"
         " next_action_at = $6, thread_delivery_key = $7, awaiting_delivery_key = $8,"
         " stop_reason = coalesce($9::text, stop_reason), last_activity_at = $10::timestamptz,"
-        " finished_at = CASE WHEN $2::text IN ('completed', 'stopped') THEN $10::timestamptz END"
+        " finished_at = CASE WHEN $2::text IN ('completed', 'stopped') THEN $10::timestamptz END,"
+        " due_since = $11, waiting_on = $12, thread_subject = coalesce(thread_subject, $13)"
         " WHERE id = $1",
         [
             (
@@ -148,8 +230,11 @@ async def apply_advances(
                 a.awaiting_delivery_key,
                 a.stop_reason,
                 now,
+                a.due_since,
+                a.waiting_on,
+                thread_subject,
             )
-            for enrollment_id, a in items
+            for enrollment_id, a, thread_subject in items
         ],
     )
 
@@ -184,13 +269,161 @@ async def write_log(
 
 
 async def record_engagements(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Rows: (event_id, tenant_id, lead_id, enrollment_id, step_index, step_id, type,
+    machine, occurred_at)."""
     if rows:
         await conn.executemany(
             "INSERT INTO engagements (event_id, tenant_id, lead_id, enrollment_id, step_index,"
-            " type, machine, occurred_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
+            " step_id, type, machine, occurred_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
             " ON CONFLICT (event_id) DO NOTHING",
             rows,
         )
+
+
+async def record_sent_email(
+    conn: asyncpg.Connection,
+    delivery_key: str,
+    enrollment_id: uuid.UUID,
+    step_id: uuid.UUID,
+    variant: str | None,
+    message_id: str,
+    sent_at: datetime,
+    uncertain: bool,
+) -> None:
+    await conn.execute(
+        "INSERT INTO enrollment_emails (delivery_key, enrollment_id, step_id, variant,"
+        " message_id, sent_at, uncertain) VALUES ($1,$2,$3,$4,$5,$6,$7)"
+        " ON CONFLICT (delivery_key) DO NOTHING",
+        delivery_key,
+        enrollment_id,
+        step_id,
+        variant,
+        message_id,
+        sent_at,
+        uncertain,
+    )
+
+
+async def facts_for(
+    conn: asyncpg.Connection, enrollment_ids: Sequence[uuid.UUID]
+) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    """Sent emails and engagement of these enrollments (for conditions)."""
+    ids = list(enrollment_ids)
+    sent = await conn.fetch(
+        "SELECT enrollment_id, step_id, sent_at FROM enrollment_emails"
+        " WHERE enrollment_id = ANY($1::uuid[])",
+        ids,
+    )
+    engaged = await conn.fetch(
+        "SELECT enrollment_id, step_id, type, machine, occurred_at FROM engagements"
+        " WHERE enrollment_id = ANY($1::uuid[])",
+        ids,
+    )
+    return list(sent), list(engaged)
+
+
+async def sequence_settings(
+    conn: asyncpg.Connection, sequence_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, settings FROM sequences WHERE id = ANY($1::uuid[])", list(set(sequence_ids))
+    )
+    return {r["id"]: r["settings"] for r in rows}
+
+
+async def upsert_leads(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Rows: (tenant_id, lead_id, email, snapshot, updated_at)."""
+    if rows:
+        await conn.executemany(
+            "INSERT INTO leads (tenant_id, lead_id, email, snapshot, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, lead_id) DO UPDATE"
+            " SET email = excluded.email, snapshot = excluded.snapshot,"
+            " updated_at = excluded.updated_at",
+            rows,
+        )
+
+
+async def suppress_lead(
+    conn: asyncpg.Connection, tenant_id: str, lead_id: uuid.UUID, reason: str
+) -> None:
+    await conn.execute(
+        "UPDATE leads SET suppressed_reason = coalesce(suppressed_reason, $3)"
+        " WHERE tenant_id = $1 AND lead_id = $2",
+        tenant_id,
+        lead_id,
+        reason,
+    )
+
+
+async def suppressed_leads(
+    conn: asyncpg.Connection, tenant_id: str, lead_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, str]:
+    rows = await conn.fetch(
+        "SELECT lead_id, suppressed_reason FROM leads WHERE tenant_id = $1"
+        " AND lead_id = ANY($2::uuid[]) AND suppressed_reason IS NOT NULL",
+        tenant_id,
+        list(lead_ids),
+    )
+    return {r["lead_id"]: r["suppressed_reason"] for r in rows}
+
+
+async def find_lead(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    tenant_id: str,
+    lead_id: uuid.UUID | None,
+    email: str | None,
+) -> asyncpg.Record | None:
+    if lead_id is not None:
+        return await conn.fetchrow(
+            "SELECT lead_id, email, snapshot, suppressed_reason FROM leads"
+            " WHERE tenant_id = $1 AND lead_id = $2",
+            tenant_id,
+            lead_id,
+        )
+    return await conn.fetchrow(
+        "SELECT lead_id, email, snapshot, suppressed_reason FROM leads"
+        " WHERE tenant_id = $1 AND email = $2 ORDER BY updated_at DESC LIMIT 1",
+        tenant_id,
+        (email or "").strip().lower(),
+    )
+
+
+async def wake_waiting(
+    conn: asyncpg.Connection, tenant_id: str, lead_id: uuid.UUID, now: datetime
+) -> None:
+    """New engagement may answer a condition an enrollment is waiting on."""
+    await conn.execute(
+        "UPDATE enrollments SET next_action_at = $3 WHERE tenant_id = $1 AND lead_id = $2"
+        " AND status = 'active' AND waiting_on = 'condition'",
+        tenant_id,
+        lead_id,
+        now,
+    )
+
+
+async def running_at_company_for_update(
+    conn: asyncpg.Connection, tenant_id: str, domain: str
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {ENROLLMENT_COLUMNS} FROM enrollments WHERE tenant_id = $1"
+        " AND company_domain = $2 AND status IN ('active', 'awaiting_send', 'paused')"
+        " FOR UPDATE",
+        tenant_id,
+        domain,
+    )
+
+
+async def resume_due(conn: asyncpg.Connection, now: datetime) -> list[asyncpg.Record]:
+    """Paused enrollments whose pause has run out go back to work."""
+    return await conn.fetch(
+        "UPDATE enrollments SET status = CASE WHEN awaiting_delivery_key IS NULL"
+        " THEN 'active' ELSE 'awaiting_send' END,"
+        " next_action_at = CASE WHEN awaiting_delivery_key IS NULL"
+        " THEN greatest(coalesce(next_action_at, $1), $1) END, paused_until = NULL,"
+        " last_activity_at = $1"
+        " WHERE status = 'paused' AND paused_until <= $1 RETURNING id, tenant_id",
+        now,
+    )
 
 
 async def enrollments_of_lead(
@@ -221,10 +454,236 @@ async def execution_log(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> list[di
     return [dict(r) for r in rows]
 
 
-async def list_sequences(pool: asyncpg.Pool, tenant_id: str) -> list[dict[str, Any]]:
-    rows = await pool.fetch(
-        "SELECT id, key, name, description, status, current_version, preset, created_at"
-        " FROM sequences WHERE tenant_id = $1 ORDER BY key",
+# ------------------------------------------------------------- sequence management
+
+SEQUENCE_COLUMNS = (
+    "s.id, s.tenant_id, s.key, s.name, s.description, s.status, s.current_version,"
+    " s.settings, s.preset, s.created_at, s.updated_at, v.id AS version_id, v.frozen"
+)
+
+
+async def create_sequence(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    key: str,
+    name: str,
+    description: str,
+    settings: dict[str, Any],
+) -> tuple[uuid.UUID, uuid.UUID]:
+    sequence_id, version_id = uuid.uuid4(), uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO sequences (id, tenant_id, key, name, description, status,"
+        " current_version, settings) VALUES ($1, $2, $3, $4, $5, 'draft', 1, $6)",
+        sequence_id,
         tenant_id,
+        key,
+        name,
+        description,
+        settings,
+    )
+    await conn.execute(
+        "INSERT INTO sequence_versions (id, sequence_id, version) VALUES ($1, $2, 1)",
+        version_id,
+        sequence_id,
+    )
+    return sequence_id, version_id
+
+
+async def sequence_exists(conn: asyncpg.Connection, tenant_id: str, key: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM sequences WHERE tenant_id = $1 AND key = $2", tenant_id, key
+        )
+    )
+
+
+async def sequence_by_ref(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, ref: str, *, for_update: bool = False
+) -> asyncpg.Record | None:
+    """A sequence by id or key, with its current version."""
+    by_id: uuid.UUID | None = None
+    try:
+        by_id = uuid.UUID(ref)
+    except ValueError:
+        by_id = None
+    lock = " FOR UPDATE OF s" if for_update else ""
+    return await conn.fetchrow(
+        f"SELECT {SEQUENCE_COLUMNS} FROM sequences s JOIN sequence_versions v"
+        "   ON v.sequence_id = s.id AND v.version = s.current_version"
+        " WHERE s.tenant_id = $1 AND (s.id = $2 OR ($2::uuid IS NULL AND s.key = $3))" + lock,
+        tenant_id,
+        by_id,
+        ref,
+    )
+
+
+async def list_sequences(
+    pool: asyncpg.Pool, tenant_id: str, status: str | None = None
+) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT id, key, name, description, status, current_version AS version, settings,"
+        " preset, created_at, updated_at FROM sequences"
+        " WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) ORDER BY key",
+        tenant_id,
+        status,
     )
     return [dict(r) for r in rows]
+
+
+async def update_sequence(
+    conn: asyncpg.Connection,
+    sequence_id: uuid.UUID,
+    name: str,
+    description: str,
+    settings: dict[str, Any],
+) -> None:
+    await conn.execute(
+        "UPDATE sequences SET name = $2, description = $3, settings = $4, updated_at = now()"
+        " WHERE id = $1",
+        sequence_id,
+        name,
+        description,
+        settings,
+    )
+
+
+async def set_sequence_status(
+    conn: asyncpg.Connection, sequence_id: uuid.UUID, status: str
+) -> None:
+    await conn.execute(
+        "UPDATE sequences SET status = $2, updated_at = now() WHERE id = $1", sequence_id, status
+    )
+
+
+async def delete_sequence(conn: asyncpg.Connection, sequence_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM sequences WHERE id = $1", sequence_id)
+
+
+async def freeze_version(conn: asyncpg.Connection, version_id: uuid.UUID) -> None:
+    await conn.execute("UPDATE sequence_versions SET frozen = true WHERE id = $1", version_id)
+
+
+async def add_version(
+    conn: asyncpg.Connection, sequence_id: uuid.UUID, version: int, frozen: bool
+) -> uuid.UUID:
+    version_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO sequence_versions (id, sequence_id, version, frozen) VALUES ($1, $2, $3, $4)",
+        version_id,
+        sequence_id,
+        version,
+        frozen,
+    )
+    await conn.execute(
+        "UPDATE sequences SET current_version = $2, updated_at = now() WHERE id = $1",
+        sequence_id,
+        version,
+    )
+    return version_id
+
+
+async def versions_of(pool: asyncpg.Pool, sequence_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT v.version, v.frozen, v.created_at,"
+        " (SELECT count(*) FROM enrollments e WHERE e.sequence_version_id = v.id) AS enrollments,"
+        " (SELECT count(*) FROM steps st WHERE st.sequence_version_id = v.id) AS steps"
+        " FROM sequence_versions v WHERE v.sequence_id = $1 ORDER BY v.version",
+        sequence_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def enrollments_of_sequence(
+    pool: asyncpg.Pool,
+    sequence_id: uuid.UUID,
+    status: str | None,
+    version: int | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[dict[str, Any]], int]:
+    where = (
+        " WHERE sequence_id = $1 AND ($2::text IS NULL OR status = $2)"
+        " AND ($3::int IS NULL OR version = $3)"
+    )
+    rows = await pool.fetch(
+        f"SELECT {ENROLLMENT_COLUMNS} FROM enrollments{where}"
+        " ORDER BY enrolled_at, id LIMIT $4 OFFSET $5",
+        sequence_id,
+        status,
+        version,
+        limit,
+        offset,
+    )
+    total = await pool.fetchval(
+        f"SELECT count(*) FROM enrollments{where}", sequence_id, status, version
+    )
+    return [dict(r) for r in rows], int(total)
+
+
+async def sequence_stats(pool: asyncpg.Pool, sequence_id: uuid.UUID) -> dict[str, Any]:
+    by_status = await pool.fetch(
+        "SELECT status, count(*) AS n FROM enrollments WHERE sequence_id = $1 GROUP BY status",
+        sequence_id,
+    )
+    reasons = await pool.fetch(
+        "SELECT stop_reason, count(*) AS n FROM enrollments WHERE sequence_id = $1"
+        " AND status = 'stopped' GROUP BY stop_reason ORDER BY n DESC",
+        sequence_id,
+    )
+    return {
+        "by_status": {r["status"]: r["n"] for r in by_status},
+        "stopped_by_reason": {r["stop_reason"] or "unknown": r["n"] for r in reasons},
+    }
+
+
+async def engagement_counts(
+    pool: asyncpg.Pool, enrollment_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, int]]:
+    rows = await pool.fetch(
+        "SELECT enrollment_id, type, count(*) FILTER (WHERE NOT machine) AS n"
+        " FROM engagements WHERE enrollment_id = ANY($1::uuid[]) GROUP BY enrollment_id, type",
+        list(enrollment_ids),
+    )
+    counts: dict[uuid.UUID, dict[str, int]] = {}
+    for r in rows:
+        counts.setdefault(r["enrollment_id"], {})[r["type"]] = r["n"]
+    return counts
+
+
+async def emails_sent_counts(
+    pool: asyncpg.Pool, enrollment_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    rows = await pool.fetch(
+        "SELECT enrollment_id, count(*) AS n FROM enrollment_emails"
+        " WHERE enrollment_id = ANY($1::uuid[]) GROUP BY enrollment_id",
+        list(enrollment_ids),
+    )
+    return {r["enrollment_id"]: r["n"] for r in rows}
+
+
+async def pause_enrollment(
+    conn: asyncpg.Connection, enrollment_id: uuid.UUID, until: datetime | None, now: datetime
+) -> bool:
+    status = await conn.fetchval(
+        "UPDATE enrollments SET status = 'paused', paused_until = $2, last_activity_at = $3"
+        " WHERE id = $1 AND status IN ('active', 'awaiting_send') RETURNING status",
+        enrollment_id,
+        until,
+        now,
+    )
+    return status is not None
+
+
+async def resume_enrollment(
+    conn: asyncpg.Connection, enrollment_id: uuid.UUID, now: datetime
+) -> bool:
+    status = await conn.fetchval(
+        "UPDATE enrollments SET status = CASE WHEN awaiting_delivery_key IS NULL"
+        " THEN 'active' ELSE 'awaiting_send' END,"
+        " next_action_at = CASE WHEN awaiting_delivery_key IS NULL"
+        " THEN greatest(coalesce(next_action_at, $2), $2) END, paused_until = NULL,"
+        " last_activity_at = $2 WHERE id = $1 AND status = 'paused' RETURNING status",
+        enrollment_id,
+        now,
+    )
+    return status is not None

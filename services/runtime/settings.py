@@ -78,6 +78,10 @@ class NurtureSettings(CommonSettings):
     scheduler_batch: int = Field(default=1000, ge=1)
     #: Wall seconds between scheduler rounds when nothing was due.
     scheduler_idle_seconds: float = Field(default=0.1, gt=0)
+    #: Signs outbound `notify` webhooks (X-Touchstream-Signature).
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
 
 
 class SenderSettings(CommonSettings):
