@@ -70,6 +70,8 @@ def render(source: str, context: Mapping[str, Any], *, html: bool = False) -> st
         return str(_compile(source, html).render(**context))
     except TemplateError as exc:
         raise RenderError(f"template error: {exc}") from exc
+    except Exception as exc:  # a template's own arithmetic, types, sandbox limits
+        raise RenderError(f"template error: {type(exc).__name__}: {exc}") from exc
 
 
 def check_template(source: str) -> None:

@@ -3,16 +3,118 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Annotated, Any
 
 import asyncpg
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
 
 from schemas import topics
-from schemas.events import EngagementReceived, LeadData, LeadReceived, LeadRouted, LeadSnapshot
+from schemas.events import (
+    EngagementReceived,
+    LeadData,
+    LeadReceived,
+    LeadRouted,
+    LeadSnapshot,
+    LeadUpdateRequested,
+    TenantId,
+)
 from services.router import domain, repo
 from services.runtime.consumer import Rejection
 from services.runtime.outbox import enqueue
+
+#: Most leads one ``POST /leads`` may carry.
+MAX_BATCH = 1000
+#: Most routing rules one tenant may have in one ``PUT /routing-rules``.
+MAX_RULES = 1000
+
+
+class InvalidItems(ValueError):
+    """Some items of a request are invalid; nothing was written."""
+
+    def __init__(self, errors: list[tuple[int, str]]) -> None:
+        super().__init__("; ".join(f"item {i}: {e}" for i, e in errors))
+        self.errors = errors
+
+    def detail(self) -> list[dict[str, Any]]:
+        return [{"index": index, "error": error} for index, error in self.errors]
+
+
+# ------------------------------------------------------------------ HTTP request bodies
+
+
+class LeadIntake(BaseModel):
+    """``POST /leads`` with one lead (also an item of a batch)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lead: LeadData
+    sequence: str | None = Field(default=None, max_length=100)
+    tenant_id: TenantId | None = None
+
+
+class LeadIntakeBatch(BaseModel):
+    """``POST /leads`` with many leads: all are applied, or none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    leads: list[LeadIntake] = Field(min_length=1, max_length=MAX_BATCH)
+    tenant_id: TenantId | None = None
+
+
+def _intake_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "batch" if "leads" in value else "single"
+    if isinstance(value, LeadIntakeBatch):
+        return "batch"
+    if isinstance(value, LeadIntake):
+        return "single"
+    return None
+
+
+IntakeBody = Annotated[
+    Annotated[LeadIntake, Tag("single")] | Annotated[LeadIntakeBatch, Tag("batch")],
+    Discriminator(
+        _intake_kind,
+        custom_error_type="invalid_intake_body",
+        custom_error_message='the body must be an object with "lead" (one lead)'
+        ' or "leads" (a batch)',
+    ),
+]
+
+
+class RoutingRuleIn(BaseModel):
+    """A routing rule as ``PUT``/``POST /routing-rules`` take it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``PUT`` only: keep this existing rule's id (a list read with ``GET`` can be
+    #: edited and put back); without it the rule gets a new id.
+    id: uuid.UUID | None = None
+    name: str
+    match: dict[str, Any] = Field(default_factory=dict)
+    sequence: str
+    enabled: StrictBool = True
+    #: Accepted and ignored, so that ``GET`` output can be put back: the order of the
+    #: list is the order of the rules.
+    position: int | None = None
+    created_at: datetime | None = None
+
+
+def request_tenant(query: str | None, body: LeadIntake | LeadIntakeBatch) -> str:
+    """The one tenant of an intake request; raises LeadInvalid when they disagree."""
+    stated = {query} if query else set()
+    if body.tenant_id:
+        stated.add(body.tenant_id)
+    items = body.leads if isinstance(body, LeadIntakeBatch) else []
+    stated |= {item.tenant_id for item in items if item.tenant_id}
+    if len(stated) > 1:
+        raise domain.LeadInvalid(
+            f"one request is for one tenant; it names {', '.join(sorted(stated))}"
+        )
+    return stated.pop() if stated else "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +156,7 @@ async def intake_lead(
         status, created = existing["status"], False
     rules = await repo.routing_rules(conn, tenant_id)
     decision = domain.choose_sequence(lead, status, requested_sequence, rules, default_sequence)
-    await repo.set_routing(conn, lead_id, decision.sequence, decision.reason, now)
+    await repo.set_routing(conn, lead_id, decision.sequence, decision.reason, now, decision.rule_id)
     if decision.route and decision.sequence is not None:
         stored = await repo.get_lead(conn, tenant_id, lead_id)
         assert stored is not None
@@ -70,6 +172,44 @@ async def intake_lead(
             ),
         )
     return IntakeResult(lead_id, created, decision.route, decision.sequence, decision.reason)
+
+
+async def intake_leads(
+    pool: asyncpg.Pool,
+    *,
+    tenant_id: str,
+    items: Sequence[LeadIntake],
+    default_sequence: str,
+    now: datetime,
+) -> list[IntakeResult]:
+    """Intake over HTTP: every item in one transaction, all applied or none.
+
+    Each item is validated and applied exactly as on the ``leads`` topic (its
+    LeadRouted goes to the outbox in the same transaction). Every item is tried,
+    so that the error lists all invalid items; then ``InvalidItems`` rolls it all
+    back.
+    """
+    results: list[IntakeResult] = []
+    errors: list[tuple[int, str]] = []
+    async with pool.acquire() as conn, conn.transaction():
+        for index, item in enumerate(items):
+            try:
+                async with conn.transaction():  # a savepoint: an invalid item leaves nothing
+                    result = await intake_lead(
+                        conn,
+                        tenant_id=tenant_id,
+                        lead_data=item.lead,
+                        requested_sequence=item.sequence,
+                        default_sequence=default_sequence,
+                        now=now,
+                    )
+            except domain.LeadInvalid as exc:
+                errors.append((index, str(exc)))
+                continue
+            results.append(result)
+        if errors:
+            raise InvalidItems(errors)  # rolls the whole transaction back
+    return results
 
 
 async def handle_lead_received(
@@ -112,3 +252,119 @@ async def handle_engagement_received(
                 event.event_id,
                 now,
             )
+
+
+async def handle_lead_update_requested(
+    conn: asyncpg.Connection, events: list[LeadUpdateRequested], *, now: datetime
+) -> list[Rejection]:
+    """Sequence actions on leads: status, tags, assignee. A bad request is rejected
+    (dead-lettered); a lead that is not ours (erased) is skipped."""
+    rejections: list[Rejection] = []
+    for event in events:
+        state = await repo.lead_state_for_update(conn, event.tenant_id, event.lead_id)
+        if state is None:
+            continue
+        try:
+            update = domain.decide_lead_update(state, event)
+        except domain.UpdateInvalid as exc:
+            rejections.append(Rejection(event, str(exc)))
+            continue
+        if update.status is not None:
+            await repo.change_status(
+                conn,
+                event.tenant_id,
+                event.lead_id,
+                state.status,
+                update.status.to_status,
+                update.status.reason,
+                update.changed_by,
+                event.event_id,
+                now,
+            )
+        if update.tags is not None:
+            await repo.set_lead_tags(conn, event.tenant_id, event.lead_id, update.tags, now)
+        if update.assigned_to is not None:
+            await repo.assign_lead(conn, event.tenant_id, event.lead_id, update.assigned_to, now)
+    return rejections
+
+
+# ------------------------------------------------------------------- routing rules
+
+
+def validate_rules(rules: Sequence[RoutingRuleIn]) -> list[domain.RuleSpec]:
+    """Every rule validated; raises InvalidItems naming each invalid one."""
+    specs: list[domain.RuleSpec] = []
+    errors: list[tuple[int, str]] = []
+    seen_ids: set[uuid.UUID] = set()
+    for index, rule in enumerate(rules):
+        if rule.id is not None:
+            if rule.id in seen_ids:
+                errors.append((index, f"rule id {rule.id} appears more than once"))
+            seen_ids.add(rule.id)
+        try:
+            specs.append(domain.validate_rule(rule.name, rule.match, rule.sequence, rule.enabled))
+        except domain.RuleInvalid as exc:
+            errors.append((index, str(exc)))
+    if errors:
+        raise InvalidItems(errors)
+    return specs
+
+
+async def replace_rules(
+    pool: asyncpg.Pool, tenant_id: str, rules: Sequence[RoutingRuleIn], now: datetime
+) -> list[dict[str, Any]]:
+    """Replace a tenant's whole ordered rule list atomically."""
+    specs = validate_rules(rules)
+    async with pool.acquire() as conn, conn.transaction():
+        await repo.lock_routing_rules(conn, tenant_id)
+        previous = await repo.delete_all_routing_rules(conn, tenant_id)
+        unknown = [(i, r.id) for i, r in enumerate(rules) if r.id and r.id not in previous]
+        if unknown:
+            raise InvalidItems([(i, f"no rule {rule_id} to keep") for i, rule_id in unknown])
+        stored = []
+        for position, (rule, spec) in enumerate(zip(rules, specs, strict=True)):
+            rule_id = rule.id or uuid.uuid4()
+            created_at = previous.get(rule_id, now)
+            stored.append(
+                await repo.insert_routing_rule(conn, rule_id, tenant_id, position, spec, created_at)
+            )
+        await repo.mark_rules_configured(conn, tenant_id, now)
+    return stored
+
+
+async def append_rule(
+    pool: asyncpg.Pool, tenant_id: str, rule: RoutingRuleIn, now: datetime
+) -> dict[str, Any]:
+    """Add one rule at the end of a tenant's list (it fires last)."""
+    if rule.id is not None:
+        raise domain.RuleInvalid("a new rule gets its id from the server: leave id out")
+    spec = domain.validate_rule(rule.name, rule.match, rule.sequence, rule.enabled)
+    async with pool.acquire() as conn, conn.transaction():
+        await repo.lock_routing_rules(conn, tenant_id)
+        position = await repo.next_rule_position(conn, tenant_id)
+        stored = await repo.insert_routing_rule(conn, uuid.uuid4(), tenant_id, position, spec, now)
+        await repo.mark_rules_configured(conn, tenant_id, now)
+    return stored
+
+
+async def delete_rule(
+    pool: asyncpg.Pool, tenant_id: str, rule_id: uuid.UUID, now: datetime
+) -> bool:
+    async with pool.acquire() as conn, conn.transaction():
+        await repo.lock_routing_rules(conn, tenant_id)
+        deleted = await repo.delete_routing_rule(conn, tenant_id, rule_id)
+        if deleted:
+            await repo.mark_rules_configured(conn, tenant_id, now)
+    return deleted
+
+
+async def seed_default_rules(pool: asyncpg.Pool, tenant_id: str, now: datetime) -> bool:
+    """Give a tenant that never had rules the default ones; True when it did."""
+    async with pool.acquire() as conn, conn.transaction():
+        await repo.lock_routing_rules(conn, tenant_id)
+        if await repo.rules_configured(conn, tenant_id):
+            return False
+        for position, spec in enumerate(domain.DEFAULT_RULES):
+            await repo.insert_routing_rule(conn, uuid.uuid4(), tenant_id, position, spec, now)
+        await repo.mark_rules_configured(conn, tenant_id, now)
+    return True

@@ -8,13 +8,14 @@ from typing import Any
 
 import asyncpg
 
-from services.router.domain import NormalisedLead, RoutingRule
+from services.router.domain import LeadState, NormalisedLead, RoutingRule, RuleSpec
 
 LEAD_COLUMNS = (
     "id, tenant_id, email, external_id, first_name, last_name, company, title, timezone,"
     " country, grade, score, source, tags, custom_fields, status, sequence, routing_reason,"
-    " created_at, updated_at"
+    " routing_rule_id, assigned_to, created_at, updated_at"
 )
+RULE_COLUMNS = "id, position, name, match, sequence, enabled, created_at"
 
 
 async def find_lead_for_update(
@@ -119,24 +120,159 @@ async def set_routing(
     sequence: str | None,
     reason: str,
     now: datetime,
+    rule_id: uuid.UUID | None = None,
 ) -> None:
+    """Record the routing decision; ``rule_id`` is the rule that fired, if one did."""
     await conn.execute(
         "UPDATE leads SET sequence = coalesce($2, sequence), routing_reason = $3,"
-        " updated_at = $4 WHERE id = $1",
+        " routing_rule_id = $5, updated_at = $4 WHERE id = $1",
         lead_id,
         sequence,
         reason,
         now,
+        rule_id,
     )
 
 
 async def routing_rules(conn: asyncpg.Connection, tenant_id: str) -> list[RoutingRule]:
+    """The enabled rules of a tenant, first match first."""
     rows = await conn.fetch(
-        "SELECT name, sequence, match FROM routing_rules WHERE tenant_id = $1 AND enabled"
+        "SELECT id, name, sequence, match FROM routing_rules WHERE tenant_id = $1 AND enabled"
         " ORDER BY position",
         tenant_id,
     )
-    return [RoutingRule(r["name"], r["sequence"], r["match"]) for r in rows]
+    return [RoutingRule(r["name"], r["sequence"], r["match"], r["id"]) for r in rows]
+
+
+# ------------------------------------------------------------------- routing rules
+
+
+async def lock_routing_rules(conn: asyncpg.Connection, tenant_id: str) -> None:
+    """Serialise changes to one tenant's rules until the transaction ends."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('touchstream-routing-rules:' || $1, 0))",
+        tenant_id,
+    )
+
+
+async def list_routing_rules(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str
+) -> list[dict[str, Any]]:
+    """Every rule of a tenant, enabled or not, in order."""
+    rows = await conn.fetch(
+        f"SELECT {RULE_COLUMNS} FROM routing_rules WHERE tenant_id = $1 ORDER BY position",
+        tenant_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def rules_configured(conn: asyncpg.Connection, tenant_id: str) -> bool:
+    value = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM routing_rule_tenants WHERE tenant_id = $1)"
+        " OR EXISTS (SELECT 1 FROM routing_rules WHERE tenant_id = $1)",
+        tenant_id,
+    )
+    return bool(value)
+
+
+async def mark_rules_configured(conn: asyncpg.Connection, tenant_id: str, now: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO routing_rule_tenants (tenant_id, configured_at) VALUES ($1, $2)"
+        " ON CONFLICT (tenant_id) DO NOTHING",
+        tenant_id,
+        now,
+    )
+
+
+async def delete_all_routing_rules(
+    conn: asyncpg.Connection, tenant_id: str
+) -> dict[uuid.UUID, datetime]:
+    """Delete a tenant's rules; their ids and creation times."""
+    rows = await conn.fetch(
+        "DELETE FROM routing_rules WHERE tenant_id = $1 RETURNING id, created_at", tenant_id
+    )
+    return {r["id"]: r["created_at"] for r in rows}
+
+
+async def insert_routing_rule(
+    conn: asyncpg.Connection,
+    rule_id: uuid.UUID,
+    tenant_id: str,
+    position: int,
+    rule: RuleSpec,
+    created_at: datetime,
+) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "INSERT INTO routing_rules (id, tenant_id, position, name, match, sequence, enabled,"
+        f" created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING {RULE_COLUMNS}",
+        rule_id,
+        tenant_id,
+        position,
+        rule.name,
+        rule.match,
+        rule.sequence,
+        rule.enabled,
+        created_at,
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def next_rule_position(conn: asyncpg.Connection, tenant_id: str) -> int:
+    value = await conn.fetchval(
+        "SELECT coalesce(max(position) + 1, 0) FROM routing_rules WHERE tenant_id = $1",
+        tenant_id,
+    )
+    return int(value)
+
+
+async def delete_routing_rule(conn: asyncpg.Connection, tenant_id: str, rule_id: uuid.UUID) -> bool:
+    deleted = await conn.fetchval(
+        "DELETE FROM routing_rules WHERE tenant_id = $1 AND id = $2 RETURNING id",
+        tenant_id,
+        rule_id,
+    )
+    return deleted is not None
+
+
+# ---------------------------------------------------------------------- lead updates
+
+
+async def lead_state_for_update(
+    conn: asyncpg.Connection, tenant_id: str, lead_id: uuid.UUID
+) -> LeadState | None:
+    row = await conn.fetchrow(
+        "SELECT status, tags, assigned_to FROM leads WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        tenant_id,
+        lead_id,
+    )
+    if row is None:
+        return None
+    return LeadState(row["status"], tuple(row["tags"]), row["assigned_to"])
+
+
+async def set_lead_tags(
+    conn: asyncpg.Connection, tenant_id: str, lead_id: uuid.UUID, tags: list[str], now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE leads SET tags = $3, updated_at = $4 WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        lead_id,
+        tags,
+        now,
+    )
+
+
+async def assign_lead(
+    conn: asyncpg.Connection, tenant_id: str, lead_id: uuid.UUID, assignee: str, now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE leads SET assigned_to = $3, updated_at = $4 WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        lead_id,
+        assignee,
+        now,
+    )
 
 
 async def lead_status_for_update(
@@ -213,11 +349,14 @@ async def find_leads(
 
 
 async def status_history(
-    conn: asyncpg.Connection | asyncpg.Pool, lead_id: uuid.UUID
+    conn: asyncpg.Connection | asyncpg.Pool, lead_id: uuid.UUID, tenant_id: str | None = None
 ) -> list[dict[str, Any]]:
+    """A lead's status changes, oldest first (only the tenant's, when one is given)."""
     rows = await conn.fetch(
         "SELECT from_status, to_status, reason, changed_by, event_id, changed_at"
-        " FROM lead_status_history WHERE lead_id = $1 ORDER BY id",
+        " FROM lead_status_history WHERE lead_id = $1"
+        " AND ($2::text IS NULL OR tenant_id = $2) ORDER BY id",
         lead_id,
+        tenant_id,
     )
     return [dict(r) for r in rows]

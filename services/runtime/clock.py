@@ -33,18 +33,24 @@ class SystemClock:
 
 
 class FastClock:
-    """Product time = origin + (wall - origin) * speed."""
+    """Product time = start + (wall - origin) * speed.
 
-    def __init__(self, speed: float, origin: datetime | None = None) -> None:
+    ``origin`` is the wall-clock instant the clock starts ticking; ``start`` is the
+    product time at that instant (default: the origin itself)."""
+
+    def __init__(
+        self, speed: float, origin: datetime | None = None, start: datetime | None = None
+    ) -> None:
         if speed <= 0:
             raise ValueError("clock speed must be positive")
         self.speed = speed
         self.origin = origin or datetime.now(UTC)
+        self.start = start or self.origin
         self._origin_ts = self.origin.timestamp()
 
     def now(self) -> datetime:
         elapsed = (time.time() - self._origin_ts) * self.speed
-        return self.origin + timedelta(seconds=elapsed)
+        return self.start + timedelta(seconds=elapsed)
 
     def wall_seconds(self, product: timedelta) -> float:
         return product.total_seconds() / self.speed
@@ -66,7 +72,9 @@ class FrozenClock:
         return 0.0
 
 
-def clock_from_settings(speed: float, origin: datetime | None) -> Clock:
-    if speed == 1.0 and origin is None:
+def clock_from_settings(
+    speed: float, origin: datetime | None, start: datetime | None = None
+) -> Clock:
+    if speed == 1.0 and origin is None and start is None:
         return SystemClock()
-    return FastClock(speed, origin)
+    return FastClock(speed, origin, start)

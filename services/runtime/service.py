@@ -56,7 +56,9 @@ class Service(Generic[S]):
 
     def __init__(self, settings: S, clock: Clock | None = None) -> None:
         self.settings = settings
-        self.clock = clock or clock_from_settings(settings.clock_speed, settings.clock_origin)
+        self.clock = clock or clock_from_settings(
+            settings.clock_speed, settings.clock_origin, settings.clock_start
+        )
         self.instance_id = uuid.uuid4().hex[:12]
         self.stop_event = asyncio.Event()
         self.fatal: BaseException | None = None

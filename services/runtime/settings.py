@@ -7,8 +7,6 @@ its prefix (``ROUTER_``, ``NURTURE_``, ``SENDER_``, ``TRACKER_``).
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from pydantic import AwareDatetime, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -43,6 +41,11 @@ class CommonSettings(BaseSettings):
     clock_origin: AwareDatetime | None = Field(
         default=None, validation_alias="TOUCHSTREAM_CLOCK_ORIGIN"
     )
+    #: The product time at the origin (default: the origin): lets a demo or a test
+    #: start on a given day, e.g. a Monday morning.
+    clock_start: AwareDatetime | None = Field(
+        default=None, validation_alias="TOUCHSTREAM_CLOCK_START"
+    )
     #: Secret that signs tracking tokens (open pixel, click, unsubscribe). Shared by
     #: the sender (which mints tokens) and the tracker (which verifies them).
     tracking_secret: SecretStr | None = Field(
@@ -58,9 +61,6 @@ class CommonSettings(BaseSettings):
     #: messages went to its dead-letter topic: that is a bad deploy, not bad data.
     dlq_limit_ratio: float = Field(default=0.95, gt=0, le=1, validation_alias="DLQ_LIMIT_RATIO")
     dlq_limit_window: int = Field(default=1000, ge=10, validation_alias="DLQ_LIMIT_WINDOW")
-
-    def clock_origin_or_none(self) -> datetime | None:
-        return self.clock_origin
 
 
 class RouterSettings(CommonSettings):

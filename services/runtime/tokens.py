@@ -50,10 +50,12 @@ def verify(secret: bytes, token: str, kind: str) -> TokenClaims | None:
     if len(token) > 2048 or token.count(".") != 1:
         return None
     payload, signature = token.split(".")
+    if not (payload.isascii() and signature.isascii()):
+        return None
+    # Compare the canonical encoding: no second spelling of the same signature.
+    if not hmac.compare_digest(signature.encode(), _b64(_mac(secret, payload)).encode()):
+        return None
     try:
-        given = _unb64(signature)
-        if not hmac.compare_digest(given, _mac(secret, payload)):
-            return None
         body = json.loads(_unb64(payload))
     except (ValueError, UnicodeDecodeError):
         return None

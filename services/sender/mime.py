@@ -83,10 +83,23 @@ def _no_line_breaks(name: str, value: str | None) -> None:
         raise InvalidMessage(f"{name} contains a line break (header injection refused)")
 
 
-def check_address(name: str, address: str) -> None:
+def check_address(name: str, address: str) -> str:
+    """The address as it can travel over SMTP (IDN domains in punycode); raises
+    InvalidMessage."""
     _no_line_breaks(name, address)
-    if not _ADDRESS.match(address):
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        raise InvalidMessage(
+            f"{name} {address!r} has a non-ASCII local part (needs SMTPUTF8, not supported)"
+        )
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError as exc:
+        raise InvalidMessage(f"{name} {address!r} has an invalid domain: {exc}") from exc
+    candidate = f"{local}@{ascii_domain}"
+    if not _ADDRESS.fullmatch(candidate):
         raise InvalidMessage(f"{name} {address!r} is not a valid address")
+    return candidate
 
 
 def _header(value: str) -> str:
@@ -141,15 +154,17 @@ def _append_html(html: str, fragment: str) -> str:
 
 def build_message(email: OutgoingEmail, config: TrackingConfig, now: datetime) -> BuiltMessage:
     """The RFC 5322 bytes of a delivery; raises InvalidMessage."""
-    check_address("from address", email.from_email)
-    check_address("recipient address", email.to_email)
+    from_email = check_address("from address", email.from_email)
+    to_email = check_address("recipient address", email.to_email)
     _no_line_breaks("from name", email.from_name)
     _no_line_breaks("recipient name", email.to_name)
     _no_line_breaks("subject", email.subject)
     if not email.subject.strip():
         raise InvalidMessage("the subject is empty")
+    if len(email.subject) > 900:
+        raise InvalidMessage("the subject is longer than 900 characters")
 
-    domain = domain_of(email.from_email)
+    domain = domain_of(from_email)
     message_id = message_id_for(email.delivery_key, domain)
     unsubscribe_token = tokens.sign(config.secret, tokens.TokenClaims("unsubscribe", message_id))
     unsubscribe_url = f"{config.base_url}/u/{unsubscribe_token}"
@@ -194,8 +209,8 @@ def build_message(email: OutgoingEmail, config: TrackingConfig, now: datetime) -
 
     message["Message-ID"] = message_id
     message["Date"] = format_datetime(now)
-    message["From"] = formataddr((email.from_name or "", email.from_email), "utf-8")
-    message["To"] = formataddr((email.to_name or "", email.to_email), "utf-8")
+    message["From"] = formataddr((email.from_name or "", from_email), "utf-8")
+    message["To"] = formataddr((email.to_name or "", to_email), "utf-8")
     message["Subject"] = _header(email.subject)
     if email.thread_delivery_key and email.thread_delivery_key != email.delivery_key:
         first = message_id_for(email.thread_delivery_key, domain)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from email import message_from_bytes
+from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses
 
@@ -54,10 +55,9 @@ def parse_inbound(raw: bytes) -> InboundEmail:
     senders = getaddresses([str(message.get("From", ""))])
     from_email = senders[0][1].lower() if senders and senders[0][1] else None
     reply_key = own_id or "sha256:" + hashlib.sha256(raw).hexdigest()
-    subject = message.get("Subject")
-    return InboundEmail(
-        reply_key, own_id, referenced, from_email, str(subject) if subject else None
-    )
+    raw_subject = message.get("Subject")
+    subject = str(make_header(decode_header(str(raw_subject)))) if raw_subject else None
+    return InboundEmail(reply_key, own_id, referenced, from_email, subject)
 
 
 def minute_bucket(at: datetime) -> str:

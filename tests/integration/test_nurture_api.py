@@ -72,11 +72,20 @@ async def _known_lead(kafka: str, nurture: NurtureService, email: str) -> uuid.U
     raise AssertionError("nurture never heard of the lead")
 
 
-EMAIL_1 = {"key": "e1", "type": "email", "subject": "Hello {{ first_name }}",
-           "text": "Hi {{ first_name }} at {{ company }}."}
+EMAIL_1 = {
+    "key": "e1",
+    "type": "email",
+    "subject": "Hello {{ first_name }}",
+    "text": "Hi {{ first_name }} at {{ company }}.",
+}
 WAIT = {"key": "w1", "type": "wait", "days": 2}
-EMAIL_2 = {"key": "e2", "type": "email", "subject": "Following up", "text": "Any thoughts?",
-           "reply_to_thread": True}
+EMAIL_2 = {
+    "key": "e2",
+    "type": "email",
+    "subject": "Following up",
+    "text": "Any thoughts?",
+    "reply_to_thread": True,
+}
 
 
 def _detail(response: httpx.Response) -> str:
@@ -87,12 +96,21 @@ def _detail(response: httpx.Response) -> str:
 async def test_the_whole_management_flow(
     client: httpx.AsyncClient, nurture: NurtureService, kafka_bootstrap: str
 ) -> None:
-    created = await client.post("/sequences", json={
-        "key": "demo_flow", "name": "Demo flow",
-        "settings": {"send_window": {"timezone": "Europe/London", "start": "09:00",
-                                     "end": "17:00", "weekdays": ["mon", "tue", "wed", "thu",
-                                                                  "fri"]}},
-    })
+    created = await client.post(
+        "/sequences",
+        json={
+            "key": "demo_flow",
+            "name": "Demo flow",
+            "settings": {
+                "send_window": {
+                    "timezone": "Europe/London",
+                    "start": "09:00",
+                    "end": "17:00",
+                    "weekdays": ["mon", "tue", "wed", "thu", "fri"],
+                }
+            },
+        },
+    )
     assert created.status_code == 201, created.text
     assert created.json()["status"] == "draft" and created.json()["steps"] == []
 
@@ -101,11 +119,18 @@ async def test_the_whole_management_flow(
         assert added.status_code == 201, added.text
     steps = (await client.get("/sequences/demo_flow/steps")).json()["items"]
     assert [s["key"] for s in steps] == ["e1", "w1", "e2"]
-    assert steps[1] == {"key": "w1", "type": "wait", "days": 2.0, "hours": 0.0, "minutes": 0.0,
-                        "business_days": 0}
+    assert steps[1] == {
+        "key": "w1",
+        "type": "wait",
+        "days": 2.0,
+        "hours": 0.0,
+        "minutes": 0.0,
+        "business_days": 0,
+    }
 
-    reordered = await client.post("/sequences/demo_flow/steps/reorder",
-                                  json={"order": ["e1", "e2", "w1"]})
+    reordered = await client.post(
+        "/sequences/demo_flow/steps/reorder", json={"order": ["e1", "e2", "w1"]}
+    )
     assert [s["key"] for s in reordered.json()["steps"]] == ["e1", "e2", "w1"]
     await client.post("/sequences/demo_flow/steps/reorder", json={"order": ["e1", "w1", "e2"]})
 
@@ -116,13 +141,18 @@ async def test_the_whole_management_flow(
     assert activated.status_code == 200 and activated.json()["status"] == "active"
 
     lead_id = await _known_lead(kafka_bootstrap, nurture, "ada@example.com")
-    enrolled = await client.post("/enrollments", json={"sequence": "demo_flow",
-                                                        "email": "ada@example.com"})
+    enrolled = await client.post(
+        "/enrollments", json={"sequence": "demo_flow", "email": "ada@example.com"}
+    )
     assert enrolled.status_code == 201, enrolled.text
     assert enrolled.json()["results"][0]["result"] == "enrolled"
-    again = await client.post("/enrollments", json={"sequence": "demo_flow",
-                                                     "leads": [{"lead_id": str(lead_id)},
-                                                               {"email": "who@example.com"}]})
+    again = await client.post(
+        "/enrollments",
+        json={
+            "sequence": "demo_flow",
+            "leads": [{"lead_id": str(lead_id)}, {"email": "who@example.com"}],
+        },
+    )
     assert [r["result"] for r in again.json()["results"]] == ["already_enrolled", "unknown_lead"]
 
     mine = (await client.get("/enrollments", params={"lead_id": str(lead_id)})).json()["items"]
@@ -152,8 +182,9 @@ async def test_the_whole_management_flow(
     decisions = [e["decision"] for e in log if e["decision"] in ("paused", "resumed", "stopped")]
     assert decisions == ["paused", "resumed", "stopped"], log
 
-    listed = (await client.get("/sequences/demo_flow/enrollments",
-                               params={"status": "stopped"})).json()
+    listed = (
+        await client.get("/sequences/demo_flow/enrollments", params={"status": "stopped"})
+    ).json()
     assert listed["total"] == 1 and listed["items"][0]["id"] == eid
     stats = (await client.get("/sequences/demo_flow/stats")).json()
     assert stats["enrolled"] == 1 and stats["stopped_by_reason"] == {"talked on the phone": 1}
@@ -179,20 +210,43 @@ async def test_bad_input_gets_a_4xx_with_a_message_and_writes_nothing(
 
     before = await sequences_count()
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"key": "x1", "name": "X", "steps": [
-            {"key": "c", "type": "condition", "condition": "if_opened", "then": "nowhere"}]},
-         "unknown branch target then='nowhere'"),
-        ({"key": "x2", "name": "X", "steps": [{"type": "wait", "days": -1}]},
-         "greater than or equal to 0"),
-        ({"key": "x3", "name": "X", "steps": [
-            {"type": "email", "subject": "Hi {{ nickname }}", "text": "Hello"}]},
-         "template variable 'nickname' has no fallback"),
-        ({"key": "x4", "name": "X", "settings": {"send_window": {"timezone": "Mars/Olympus"}}},
-         "Mars/Olympus"),
-        ({"key": "x5", "name": "X", "steps": [
-            {"key": "a", "type": "email", "subject": "A", "text": "a", "next": "b"},
-            {"key": "b", "type": "condition", "condition": "always", "then": "a"}]},
-         "loop without a wait"),
+        (
+            {
+                "key": "x1",
+                "name": "X",
+                "steps": [
+                    {"key": "c", "type": "condition", "condition": "if_opened", "then": "nowhere"}
+                ],
+            },
+            "unknown branch target then='nowhere'",
+        ),
+        (
+            {"key": "x2", "name": "X", "steps": [{"type": "wait", "days": -1}]},
+            "greater than or equal to 0",
+        ),
+        (
+            {
+                "key": "x3",
+                "name": "X",
+                "steps": [{"type": "email", "subject": "Hi {{ nickname }}", "text": "Hello"}],
+            },
+            "template variable 'nickname' has no fallback",
+        ),
+        (
+            {"key": "x4", "name": "X", "settings": {"send_window": {"timezone": "Mars/Olympus"}}},
+            "Mars/Olympus",
+        ),
+        (
+            {
+                "key": "x5",
+                "name": "X",
+                "steps": [
+                    {"key": "a", "type": "email", "subject": "A", "text": "a", "next": "b"},
+                    {"key": "b", "type": "condition", "condition": "always", "then": "a"},
+                ],
+            },
+            "loop without a wait",
+        ),
         ({"key": "Bad Key", "name": "X"}, "String should match pattern"),
     ]
     for body, message in cases:
@@ -214,16 +268,19 @@ async def test_bad_input_gets_a_4xx_with_a_message_and_writes_nothing(
     await client.post("/sequences", json={"key": "live", "name": "Live", "steps": [EMAIL_1]})
     await client.post("/sequences/live/activate")
     versions = await versions_count()
-    bad_edit = await client.post("/sequences/live/steps",
-                                 json={"type": "condition", "condition": "if_opened",
-                                       "else": "missing"})
+    bad_edit = await client.post(
+        "/sequences/live/steps",
+        json={"type": "condition", "condition": "if_opened", "else": "missing"},
+    )
     assert bad_edit.status_code == 422 and "unknown branch target" in _detail(bad_edit)
     assert await versions_count() == versions
 
-    assert (await client.post("/enrollments", json={"sequence": "nope",
-                                                     "email": "a@example.com"})).status_code == 404
-    not_active = await client.post("/enrollments", json={"sequence": "empty",
-                                                          "email": "a@example.com"})
+    assert (
+        await client.post("/enrollments", json={"sequence": "nope", "email": "a@example.com"})
+    ).status_code == 404
+    not_active = await client.post(
+        "/enrollments", json={"sequence": "empty", "email": "a@example.com"}
+    )
     assert not_active.status_code == 409
     no_leads = await client.post("/enrollments", json={"sequence": "live"})
     assert no_leads.status_code == 422

@@ -30,12 +30,27 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 README = DEPLOY / "README.md"
 
 SERVICE_PORTS: dict[str, int] = {"router": 8081, "nurture": 8082, "sender": 8083, "tracker": 8084}
-CONSUMES: dict[str, frozenset[str]] = {
-    "router": frozenset({"leads", "engagement"}),
-    "nurture": frozenset({"lead-routed", "email-sent", "engagement"}),
-    "sender": frozenset({"step-due", "engagement"}),
-    "tracker": frozenset({"email-sent", "webhooks-raw"}),
-}
+
+
+def _consumed_topics() -> dict[str, frozenset[str]]:
+    """What each service consumes, read from the services themselves."""
+    from services.nurture.app import NurtureService
+    from services.router.app import RouterService
+    from services.runtime import settings as st
+    from services.sender.app import SenderService
+    from services.tracker.app import TrackerService
+
+    secret = {"TOUCHSTREAM_TRACKING_SECRET": "test"}
+    services = {
+        "router": RouterService(st.RouterSettings()),
+        "nurture": NurtureService(st.NurtureSettings()),
+        "sender": SenderService(st.SenderSettings(**secret)),
+        "tracker": TrackerService(st.TrackerSettings(**secret)),
+    }
+    return {name: frozenset(svc.topic_handlers()) for name, svc in services.items()}
+
+
+CONSUMES: dict[str, frozenset[str]] = _consumed_topics()
 ONE_SHOT_COMMANDS: tuple[tuple[str, ...], ...] = (("topics", "create"), ("migrate",))
 SETTINGS_CLASSES = (
     "CommonSettings",
