@@ -41,4 +41,4 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 def retry_delay(attempts: int) -> float:
     """Seconds before the next attempt: 5 s, doubling, at most an hour."""
-    return float(min(5 * 2**attempts, 3600))
+    return float(min(5 * 2 ** max(attempts - 1, 0), 3600))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,38 +15,8 @@ from aiokafka import AIOKafkaProducer
 from schemas import topics
 from schemas.events import LeadRouted, LeadSnapshot
 from services.nurture.app import NurtureService
-from services.runtime.devstack import free_port
-from services.runtime.kafka import create_topics
-from services.runtime.settings import NurtureSettings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def nurture(database_url: str, kafka_bootstrap: str) -> AsyncIterator[NurtureService]:
-    await create_topics(kafka_bootstrap, 2)
-    port = free_port()
-    service = NurtureService(
-        NurtureSettings(
-            database_url=database_url,
-            kafka_bootstrap_servers=kafka_bootstrap,
-            kafka_session_timeout_ms=3000,
-            http_port=port,
-            http_host="127.0.0.1",
-        )
-    )
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
-
-
-@pytest.fixture
-async def client(nurture: NurtureService) -> AsyncIterator[httpx.AsyncClient]:
-    port = nurture.settings.http_port
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
-        yield c
 
 
 async def _known_lead(kafka: str, nurture: NurtureService, email: str) -> uuid.UUID:
