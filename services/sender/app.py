@@ -202,7 +202,7 @@ class SenderService(Service[SenderSettings]):
         ):
             return  # our lease ran out and someone else has it
         try:
-            accepted = await self.transport.send(email.from_email, email.to_email, built.data)
+            accepted = await self.transport.send(built)
         except PermanentSendError as exc:
             await self._record(
                 handlers.record_failed,

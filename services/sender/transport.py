@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiosmtplib
+
+from services.sender.mime import BuiltMessage
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,23 @@ class SmtpConfig:
 class Accepted:
     code: int
     response: str
+    #: The provider's own id for the message, when it gives one.
+    provider_message_id: str | None = None
+
+
+class Transport(Protocol):
+    """Hands a built message to a mail server or an email API.
+
+    ``send`` returns when the message is accepted; it raises TransientSendError
+    (4xx, throttling, HTTP 429/5xx, network trouble: try later or elsewhere) or
+    PermanentSendError (5xx SMTP, provider rejection of this message: do not retry).
+    """
+
+    name: str
+
+    async def send(self, message: BuiltMessage) -> Accepted: ...
+
+    async def close(self) -> None: ...
 
 
 def _classify(code: int | None, message: str) -> SendError:
@@ -51,7 +71,8 @@ def _classify(code: int | None, message: str) -> SendError:
 class SmtpTransport:
     """A persistent SMTP connection, reopened when the server drops it."""
 
-    def __init__(self, config: SmtpConfig) -> None:
+    def __init__(self, config: SmtpConfig, name: str = "smtp") -> None:
+        self.name = name
         self.config = config
         self._client: aiosmtplib.SMTP | None = None
         self._lock = asyncio.Lock()
@@ -70,7 +91,10 @@ class SmtpTransport:
             await client.login(c.username, c.password or "")
         return client
 
-    async def send(self, sender: str, recipient: str, data: bytes) -> Accepted:
+    async def send(self, message: BuiltMessage) -> Accepted:
+        return await self.send_raw(message.from_email, message.to_email, message.data)
+
+    async def send_raw(self, sender: str, recipient: str, data: bytes) -> Accepted:
         async with self._lock:
             for attempt in (1, 2):
                 try:
