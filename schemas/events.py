@@ -199,6 +199,8 @@ class EmailSent(Event):
     #: The process died between the server's acceptance and the commit: the
     #: message was most probably sent, but that is not certain.
     uncertain: bool = False
+    #: A dry run: built and recorded, never handed to a server.
+    dry_run: bool = False
 
 
 class FailureKind(StrEnum):

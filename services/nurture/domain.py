@@ -11,7 +11,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from schemas.events import EngagementReceived, EngagementType
-from services.nurture.windows import SendWindow, add_business_days, schedule_send, zone_for
+from services.nurture.windows import (
+    SendWindow,
+    add_business_days,
+    is_open,
+    schedule_send,
+    zone_for,
+)
 
 RUNNING_STATUSES = ("active", "awaiting_send", "paused")
 FINAL_STATUSES = ("completed", "stopped")
@@ -300,9 +306,13 @@ def advance(
         if step.kind == "email":
             due = result.due_since or now
             if context.window is not None:
-                send_at = schedule_send(
-                    context.window, due, state.lead_timezone, delivery_key(state.id, result.cursor)
-                )
+                seed = delivery_key(state.id, result.cursor)
+                send_at = schedule_send(context.window, due, state.lead_timezone, seed)
+                if now >= send_at and not is_open(context.window, now, tz()):
+                    # Reached late (a backlog, a pause): the window has closed again.
+                    due = now
+                    send_at = schedule_send(context.window, due, state.lead_timezone, seed)
+                    result.due_since = None
                 if now < send_at:
                     if result.due_since is None:
                         result.log.append(

@@ -109,6 +109,8 @@ class WaitStep(_Step):
         calendar = self.days or self.hours or self.minutes
         if not calendar and not self.business_days:
             raise ValueError("a wait must last longer than zero")
+        if calendar and self.days * 1440 + self.hours * 60 + self.minutes < 1:
+            raise ValueError("a wait must last at least a minute")
         if calendar and self.business_days:
             raise ValueError("a wait is either business days or days/hours/minutes, not both")
         return self
@@ -126,7 +128,8 @@ class ConditionStep(_Step):
         "if_unsubscribed",
         "always",
     ]
-    #: Only engagement with this email step counts (default: any email of the enrollment).
+    #: Only engagement with this email step counts (default: engagement with any email
+    #: since the latest one was sent).
     step: str | None = Field(default=None, pattern=STEP_KEY)
     #: Only engagement within this many days of that email counts; the condition
     #: waits until then for a positive answer.
@@ -228,11 +231,17 @@ def assign_keys(steps: Sequence[EmailStep | WaitStep | ConditionStep | ActionSte
 
 
 def _defaulted_names(ast: nodes.Template) -> set[str]:
-    names: set[str] = set()
-    for node in ast.find_all(nodes.Filter):
-        if node.name in ("default", "d") and isinstance(node.node, nodes.Name):
-            names.add(node.node.name)
-    return names
+    """Variables every use of which is wrapped in ``| default(...)``."""
+    wrapped = {
+        id(node.node)
+        for node in ast.find_all(nodes.Filter)
+        if node.name in ("default", "d") and isinstance(node.node, nodes.Name)
+    }
+    uses: dict[str, bool] = {}
+    for name in ast.find_all(nodes.Name):
+        if name.ctx == "load":
+            uses[name.name] = uses.get(name.name, True) and id(name) in wrapped
+    return {n for n, covered in uses.items() if covered}
 
 
 def variables_without_fallback(source: str, fallbacks: Iterable[str] = ()) -> list[str]:

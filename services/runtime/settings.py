@@ -110,6 +110,16 @@ class SenderSettings(CommonSettings):
     #: Product-time seconds before a transient failure is retried (doubles, with jitter).
     retry_base_seconds: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=8, ge=1)
+    #: Caps of the default mailbox (the SMTP_* server with SENDER_FROM_EMAIL), used
+    #: for tenants that have no mailbox of their own.
+    daily_cap: int | None = Field(default=None, gt=0)
+    hourly_cap: int | None = Field(default=None, gt=0)
+    domain_hourly_cap: int | None = Field(default=None, gt=0)
+    #: Sends per wall-clock second across all sender replicas (None: no limit).
+    global_rate: int | None = Field(default=None, gt=0)
+    #: Deliveries in flight per sender process, each on its own connection. A crash
+    #: leaves at most this many deliveries uncertain.
+    concurrency: int = Field(default=1, ge=1, le=64)
 
 
 class TrackerSettings(CommonSettings):

@@ -5,47 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI
 
 from schemas import topics
 from schemas.events import EngagementReceived, FailureKind, StepDue
 from services.runtime.consumer import TopicHandler, is_transient
 from services.runtime.service import BackgroundLoop, Service
 from services.runtime.settings import SenderSettings
-from services.sender import handlers, repo
+from services.sender import api, domain, handlers, repo
+from services.sender.domain import Caps
+from services.sender.mailboxes import Mailbox, TransportPool, mailbox_from_row
 from services.sender.mime import (
+    BuiltMessage,
     InvalidMessage,
     OutgoingEmail,
     TrackingConfig,
     build_message,
 )
-from services.sender.transport import (
-    PermanentSendError,
-    SmtpConfig,
-    SmtpTransport,
-    TransientSendError,
-)
+from services.sender.transport import PermanentSendError, TransientSendError
 
 log = logging.getLogger(__name__)
 
-DELIVERY_STATUSES = (
-    "queued",
-    "deferred",
-    "claimed",
-    "sending",
-    "sent",
-    "failed",
-    "uncertain",
-    "suppressed",
-    "cancelled",
-)
+
+@dataclass
+class Job:
+    row: asyncpg.Record
+    mailbox: Mailbox
+    dry_run: bool
 
 
 class SenderService(Service[SenderSettings]):
@@ -63,18 +55,32 @@ class SenderService(Service[SenderSettings]):
             unsubscribe_mailto=s.unsubscribe_mailto,
             physical_address=s.physical_address,
         )
-        self.transport = SmtpTransport(
-            SmtpConfig(
-                host=s.smtp_host,
-                port=s.smtp_port,
-                username=s.smtp_username,
-                password=s.smtp_password.get_secret_value() if s.smtp_password else None,
-                starttls=s.smtp_starttls,
-                tls=s.smtp_tls,
-                timeout=s.smtp_timeout,
-            )
-        )
+        # One pool of live transports per lane: a lane sends one message at a time.
+        self.lanes = [TransportPool() for _ in range(s.concurrency)]
         self._ready = asyncio.Event()
+
+    def default_mailbox(self, tenant_id: str) -> Mailbox:
+        """The deployment's own identity (SMTP_* settings), for tenants without mailboxes."""
+        s = self.settings
+        transport: dict[str, Any] = {
+            "type": "smtp",
+            "host": s.smtp_host,
+            "port": s.smtp_port,
+            "username": s.smtp_username,
+            "password": s.smtp_password.get_secret_value() if s.smtp_password else None,
+            "starttls": s.smtp_starttls,
+            "tls": s.smtp_tls,
+            "timeout": s.smtp_timeout,
+        }
+        return Mailbox(
+            id=None,
+            tenant_id=tenant_id,
+            email=s.from_email,
+            display_name=s.from_name,
+            transports=[transport],
+            caps=Caps(s.daily_cap, s.hourly_cap, s.domain_hourly_cap),
+            version="settings",
+        )
 
     def topic_handlers(self) -> dict[str, TopicHandler]:
         return {topics.STEP_DUE: self._on_step_due, topics.ENGAGEMENT: self._on_engagement}
@@ -98,13 +104,17 @@ class SenderService(Service[SenderSettings]):
 
     async def stop(self) -> None:
         await super().stop()
-        await self.transport.close()
+        for lane in self.lanes:
+            await lane.close()
+
+    def add_routes(self, app: FastAPI) -> None:
+        api.install(app, self)
 
     # ---------------------------------------------------------------- dispatching
 
     async def dispatcher(self, stop: asyncio.Event) -> None:
-        """Claim ready deliveries and hand them to SMTP, one at a time, recording each
-        outcome with its event in one transaction."""
+        """Claim ready deliveries, fit them under their caps, and hand them over,
+        recording each outcome with its event in one transaction."""
         settings = self.settings
         loop = asyncio.get_running_loop()
         last_recovery = 0.0
@@ -113,15 +123,7 @@ class SenderService(Service[SenderSettings]):
             self._ready.clear()
             try:
                 if loop.time() - last_recovery > min(1.0, settings.lease_seconds / 3):
-                    async with self.pool.acquire() as conn, conn.transaction():
-                        released, uncertain = await handlers.recover_expired(conn, self.clock.now())
-                    if released or uncertain:
-                        log.warning(
-                            "recovered expired leases: %d released, %d flagged uncertain",
-                            released,
-                            uncertain,
-                        )
-                        self.wake_relay()
+                    await self._recover()
                     last_recovery = loop.time()
                 claimed = await self._dispatch_batch(stop)
                 backoff = 0.1
@@ -137,45 +139,143 @@ class SenderService(Service[SenderSettings]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ready.wait(), settings.dispatch_idle_seconds)
 
+    async def _recover(self) -> None:
+        now = self.clock.now()
+        async with self.pool.acquire() as conn, conn.transaction():
+            released, uncertain = await handlers.recover_expired(conn, now)
+            await repo.prune_counters(conn, now - timedelta(days=2))
+        if released or uncertain:
+            log.warning(
+                "recovered expired leases: %d released, %d flagged uncertain", released, uncertain
+            )
+            self.wake_relay()
+
     async def _dispatch_batch(self, stop: asyncio.Event) -> int:
         settings = self.settings
+        limit = settings.dispatch_batch
+        if settings.global_rate:
+            async with self.pool.acquire() as conn:
+                limit = await repo.reserve_global(conn, limit, settings.global_rate)
+            if limit == 0:
+                await asyncio.sleep(0.05)
+                return 0
+        now = self.clock.now()
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await repo.claim_ready(
-                conn,
-                self.clock.now(),
-                settings.dispatch_batch,
-                settings.lease_seconds,
-                self.instance_id,
+                conn, now, limit, settings.lease_seconds, self.instance_id
             )
-            suppressed = await repo.suppressed_addresses(
-                conn, [(r["tenant_id"], r["to_email"]) for r in rows]
-            )
-            for row in rows:
-                if (row["tenant_id"], row["to_email"]) in suppressed:
-                    await handlers.record_failed(
-                        conn,
-                        row["delivery_key"],
-                        FailureKind.SUPPRESSED,
-                        "recipient is on the suppression list",
-                    )
-        if suppressed:
+            jobs = await self._plan(conn, rows, now)
+        if len(jobs) < len(rows):
             self.wake_relay()
-        for row in rows:
-            if (row["tenant_id"], row["to_email"]) in suppressed:
-                continue
-            if stop.is_set():
-                break  # the claims expire and another sender takes them
-            await self._deliver(row)
+        lanes: list[list[Job]] = [[] for _ in self.lanes]
+        for index, job in enumerate(jobs):
+            lanes[index % len(lanes)].append(job)
+        await asyncio.gather(
+            *(
+                self._run_lane(pool, lane, stop)
+                for pool, lane in zip(self.lanes, lanes, strict=True)
+                if lane
+            )
+        )
         return len(rows)
 
-    async def _deliver(self, row: asyncpg.Record) -> None:
+    async def _plan(
+        self, conn: asyncpg.Connection, rows: list[asyncpg.Record], now: Any
+    ) -> list[Job]:
+        """In the claim's transaction: suppression, dry runs, mailbox, caps."""
+        if not rows:
+            return []
+        suppressed = await repo.suppressed_addresses(
+            conn, [(r["tenant_id"], r["to_email"]) for r in rows]
+        )
+        tenants = sorted({r["tenant_id"] for r in rows})
+        dry = await repo.dry_run_scopes(conn, tenants)
+        boxes = {
+            t: [mailbox_from_row(m) for m in await repo.mailboxes_of(conn, t, enabled_only=True)]
+            for t in tenants
+        }
+        jobs: list[Job] = []
+        for row in rows:
+            tenant = row["tenant_id"]
+            if (tenant, row["to_email"]) in suppressed:
+                await handlers.record_failed(
+                    conn,
+                    row["delivery_key"],
+                    FailureKind.SUPPRESSED,
+                    "recipient is on the suppression list",
+                )
+                continue
+            mailbox = await self._mailbox_for(conn, row, boxes[tenant])
+            is_dry = (tenant, "*") in dry or (tenant, row["sequence_key"]) in dry
+            if not is_dry:
+                scopes = domain.cap_scopes(
+                    mailbox.key, domain.recipient_domain(row["to_email"]), mailbox.caps, now
+                )
+                full = await self._reserve(conn, scopes)
+                if full is not None:
+                    await repo.defer_for_cap(
+                        conn,
+                        row["delivery_key"],
+                        full.window_end,
+                        f"deferred: mailbox {mailbox.email} reached its {full.label}",
+                    )
+                    continue
+            if mailbox.id is not None:
+                await repo.set_mailbox(conn, row["delivery_key"], mailbox.id)
+            jobs.append(Job(row, mailbox, is_dry))
+        return jobs
+
+    async def _reserve(
+        self, conn: asyncpg.Connection, scopes: list[domain.CapScope]
+    ) -> domain.CapScope | None:
+        """Count the send under every cap, or under none: the first full cap."""
+        if not scopes:
+            return None
+
+        class Full(Exception):
+            def __init__(self, scope: domain.CapScope) -> None:
+                self.scope = scope
+
+        try:
+            async with conn.transaction():  # a savepoint: all counters or none
+                for scope in scopes:
+                    if not await repo.reserve(conn, scope.scope, scope.window_start, scope.limit):
+                        raise Full(scope)
+        except Full as full:
+            return full.scope
+        return None
+
+    async def _mailbox_for(
+        self, conn: asyncpg.Connection, row: asyncpg.Record, boxes: list[Mailbox]
+    ) -> Mailbox:
+        if not boxes:
+            return self.default_mailbox(row["tenant_id"])
+        by_id = {m.id: m for m in boxes}
+        assigned = await repo.assigned_mailbox(conn, row["enrollment_id"])
+        if assigned in by_id:
+            return by_id[assigned]
+        ids = [m.id for m in boxes if m.id is not None]
+        chosen = domain.choose_mailbox(
+            ids, await repo.mailbox_loads(conn, ids), row["enrollment_id"]
+        )
+        holder = await repo.assign_mailbox(conn, row["enrollment_id"], chosen)
+        return by_id.get(holder, by_id[chosen])
+
+    async def _run_lane(self, pool: TransportPool, jobs: list[Job], stop: asyncio.Event) -> None:
+        for job in jobs:
+            if stop.is_set():
+                return  # the claims expire and another sender takes them
+            await self._deliver(pool, job)
+
+    async def _deliver(self, pool: TransportPool, job: Job) -> None:
         s = self.settings
+        row, mailbox = job.row, job.mailbox
         key = row["delivery_key"]
         now = self.clock.now()
         email = OutgoingEmail(
             delivery_key=key,
-            from_email=row["from_email"] or s.from_email,
-            from_name=row["from_name"] or s.from_name,
+            from_email=mailbox.email,
+            from_name=mailbox.display_name,
             to_email=row["to_email"],
             to_name=row["to_name"],
             subject=row["subject"],
@@ -184,48 +284,97 @@ class SenderService(Service[SenderSettings]):
             thread_delivery_key=row["thread_delivery_key"],
             tracking=row["tracking"],
         )
+        placeholder = domain.unrendered_placeholder(email.subject, email.text, email.html)
+        if placeholder is not None:
+            await self._record(
+                handlers.record_failed,
+                key,
+                FailureKind.INVALID,
+                f"unrendered template placeholder {placeholder!r}: refusing to send",
+            )
+            return
         try:
-            built = build_message(email, self.tracking, now)
+            built = build_message(email, self.tracking, now, mailbox.dkim)
         except InvalidMessage as exc:
             await self._record(
                 handlers.record_failed, key, FailureKind.INVALID, f"cannot build message: {exc}"
             )
             return
+        if job.dry_run:
+            await self._record(
+                handlers.record_dry_run,
+                key,
+                message_id=built.message_id,
+                from_email=built.from_email,
+                from_name=built.from_name,
+                sent_at=now,
+                links=built.links,
+                mailbox_id=mailbox.id,
+            )
+            return
+        transports = await pool.for_mailbox(mailbox)
+        lease = s.lease_seconds + s.smtp_timeout * len(transports)
         if not await repo.mark_sending(
             self.pool,
             key,
             self.instance_id,
-            s.lease_seconds,
+            lease,
             built.message_id,
-            email.from_email,
-            email.from_name,
+            built.from_email,
+            built.from_name,
         ):
             return  # our lease ran out and someone else has it
-        try:
-            accepted = await self.transport.send(built)
-        except PermanentSendError as exc:
+        await self._hand_off(row, built, transports)
+
+    async def _hand_off(
+        self, row: asyncpg.Record, built: BuiltMessage, transports: list[Any]
+    ) -> None:
+        """Try each transport in order; a transient failure fails over to the next."""
+        key = row["delivery_key"]
+        failures: list[TransientSendError] = []
+        for transport in transports:
+            try:
+                accepted = await transport.send(built)
+            except PermanentSendError as exc:
+                suppress = bool(getattr(exc, "suppress", False)) or (
+                    exc.code in domain.SUPPRESSING_SMTP_CODES
+                )
+                await self._record(
+                    handlers.record_failed,
+                    key,
+                    FailureKind.PERMANENT,
+                    f"{transport.name}: {exc}",
+                    exc.code,
+                    suppress=suppress,
+                )
+                return
+            except TransientSendError as exc:
+                log.info("%s: %s failed transiently: %s", key, transport.name, exc)
+                failures.append(exc)
+                continue
             await self._record(
-                handlers.record_failed,
+                handlers.record_sent,
                 key,
-                FailureKind.PERMANENT,
-                str(exc),
-                exc.code,
-                suppress=exc.code is not None and exc.code in (550, 551, 553),
+                sent_at=self.clock.now(),
+                code=accepted.code,
+                response=accepted.response,
+                links=built.links,
+                transport=transport.name,
+                provider_message_id=accepted.provider_message_id,
             )
             return
-        except TransientSendError as exc:
-            await self._defer(row, str(exc), exc.code)
-            return
-        await self._record(
-            handlers.record_sent,
-            key,
-            sent_at=self.clock.now(),
-            code=accepted.code,
-            response=accepted.response,
-            links=built.links,
+        reason = "; ".join(f"{t.name}: {e}" for t, e in zip(transports, failures, strict=False))
+        retry_after = max((getattr(e, "retry_after", None) or 0.0 for e in failures), default=0.0)
+        await self._defer(
+            row,
+            reason or "no transport",
+            failures[-1].code if failures else None,
+            retry_after or None,
         )
 
-    async def _defer(self, row: asyncpg.Record, reason: str, code: int | None) -> None:
+    async def _defer(
+        self, row: asyncpg.Record, reason: str, code: int | None, retry_after: float | None
+    ) -> None:
         s = self.settings
         attempts = row["attempts"] + 1
         if attempts >= s.max_attempts:
@@ -237,11 +386,12 @@ class SenderService(Service[SenderSettings]):
                 code,
             )
             return
-        delay = s.retry_base_seconds * (2 ** (attempts - 1)) * (0.5 + random.random())
-        until = self.clock.now() + timedelta(seconds=delay)
+        until = domain.retry_at(
+            self.clock.now(), attempts, s.retry_base_seconds, retry_after=retry_after
+        )
 
         async def write(conn: asyncpg.Connection) -> None:
-            await repo.defer(conn, row["delivery_key"], until, reason, code)
+            await repo.defer(conn, row["delivery_key"], until, f"deferred: {reason}", code)
 
         await self._in_transaction(write)
         log.info("deferred %s until %s: %s", row["delivery_key"], until.isoformat(), reason)
@@ -267,26 +417,3 @@ class SenderService(Service[SenderSettings]):
                 log.warning("recording an outcome failed, retrying: %r", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-
-    # ------------------------------------------------------------------------ HTTP
-
-    def add_routes(self, app: FastAPI) -> None:
-        @app.get("/deliveries", tags=["deliveries"])
-        async def list_deliveries(
-            tenant_id: str = "default",
-            status: str | None = None,
-            lead_id: uuid.UUID | None = None,
-            limit: int = Query(100, ge=1, le=1000),
-            offset: int = Query(0, ge=0),
-        ) -> dict[str, Any]:
-            if status is not None and status not in DELIVERY_STATUSES:
-                raise HTTPException(422, f"status must be one of {', '.join(DELIVERY_STATUSES)}")
-            items = await repo.list_deliveries(self.pool, tenant_id, status, lead_id, limit, offset)
-            for item in items:
-                item.pop("body_text", None)
-                item.pop("body_html", None)
-            return {"items": items, "limit": limit, "offset": offset}
-
-        @app.get("/deliveries/stats", tags=["deliveries"])
-        async def delivery_stats() -> dict[str, int]:
-            return await repo.status_counts(self.pool)

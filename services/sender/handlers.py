@@ -37,6 +37,7 @@ def email_sent_event(row: asyncpg.Record, *, uncertain: bool = False) -> EmailSe
         sent_at=row["sent_at"],
         links=list(row["links"] or []),
         uncertain=uncertain,
+        dry_run=bool(row["dry_run"]),
     )
 
 
@@ -97,6 +98,8 @@ async def record_sent(
     code: int,
     response: str,
     links: list[str],
+    transport: str | None = None,
+    provider_message_id: str | None = None,
 ) -> None:
     row = await repo.finish(
         conn,
@@ -106,6 +109,26 @@ async def record_sent(
         smtp_response=response[:500],
         sent_at=sent_at,
         links=links,
+        transport=transport,
+        provider_message_id=provider_message_id,
+    )
+    assert row is not None
+    await enqueue(conn, topics.EMAIL_SENT, email_sent_event(row))
+
+
+async def record_dry_run(
+    conn: asyncpg.Connection,
+    key: str,
+    *,
+    message_id: str,
+    from_email: str,
+    from_name: str | None,
+    sent_at: datetime,
+    links: list[str],
+    mailbox_id: object,
+) -> None:
+    row = await repo.mark_dry_run(
+        conn, key, message_id, from_email, from_name, sent_at, links, mailbox_id
     )
     assert row is not None
     await enqueue(conn, topics.EMAIL_SENT, email_sent_event(row))

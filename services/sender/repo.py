@@ -15,7 +15,8 @@ DELIVERY_COLUMNS = (
     " sequence_version, step_id, step_index, variant, thread_delivery_key, to_email, to_name,"
     " subject, body_text, body_html, tracking, from_email, from_name, message_id, links, status,"
     " status_reason, attempts, next_attempt_at, lease_until, claimed_by, smtp_code,"
-    " smtp_response, due_at, created_at, updated_at, sent_at"
+    " smtp_response, due_at, created_at, updated_at, sent_at, mailbox_id, transport,"
+    " provider_message_id, deferrals, dry_run"
 )
 
 
@@ -131,11 +132,14 @@ async def finish(
     smtp_response: str | None = None,
     sent_at: datetime | None = None,
     links: list[str] | None = None,
+    transport: str | None = None,
+    provider_message_id: str | None = None,
 ) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "UPDATE deliveries SET status = $2, status_reason = $3, smtp_code = $4,"
         " smtp_response = $5, sent_at = coalesce($6, sent_at),"
-        " links = coalesce($7::jsonb, links), lease_until = NULL,"
+        " links = coalesce($7::jsonb, links), transport = coalesce($8, transport),"
+        " provider_message_id = coalesce($9, provider_message_id), lease_until = NULL,"
         " updated_at = clock_timestamp() WHERE delivery_key = $1"
         f" RETURNING {DELIVERY_COLUMNS}",
         key,
@@ -145,6 +149,8 @@ async def finish(
         smtp_response,
         sent_at,
         links,
+        transport,
+        provider_message_id,
     )
 
 
@@ -237,3 +243,250 @@ async def list_deliveries(
 async def status_counts(pool: asyncpg.Pool) -> dict[str, int]:
     rows = await pool.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
     return {r["status"]: r["n"] for r in rows}
+
+
+# ---------------------------------------------------------------------- mailboxes
+
+MAILBOX_COLUMNS = (
+    "id, tenant_id, email, display_name, transports, daily_cap, hourly_cap,"
+    " domain_hourly_cap, dkim_domain, dkim_selector, dkim_private_key, enabled, created_at,"
+    " updated_at"
+)
+
+
+async def insert_mailbox(conn: asyncpg.Connection, tenant_id: str, values: dict[str, Any]) -> Any:
+    return await conn.fetchrow(
+        "INSERT INTO mailboxes (id, tenant_id, email, display_name, transports, daily_cap,"
+        " hourly_cap, domain_hourly_cap, dkim_domain, dkim_selector, dkim_private_key, enabled)"
+        " VALUES (gen_random_uuid(), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        f" RETURNING {MAILBOX_COLUMNS}",
+        tenant_id,
+        values["email"],
+        values["display_name"],
+        values["transports"],
+        values["daily_cap"],
+        values["hourly_cap"],
+        values["domain_hourly_cap"],
+        values["dkim_domain"],
+        values["dkim_selector"],
+        values["dkim_private_key"],
+        values["enabled"],
+    )
+
+
+async def update_mailbox(
+    conn: asyncpg.Connection, tenant_id: str, mailbox_id: Any, values: dict[str, Any]
+) -> Any:
+    return await conn.fetchrow(
+        "UPDATE mailboxes SET email = $3, display_name = $4, transports = $5, daily_cap = $6,"
+        " hourly_cap = $7, domain_hourly_cap = $8, dkim_domain = $9, dkim_selector = $10,"
+        " dkim_private_key = $11, enabled = $12, updated_at = clock_timestamp()"
+        f" WHERE tenant_id = $1 AND id = $2 RETURNING {MAILBOX_COLUMNS}",
+        tenant_id,
+        mailbox_id,
+        values["email"],
+        values["display_name"],
+        values["transports"],
+        values["daily_cap"],
+        values["hourly_cap"],
+        values["domain_hourly_cap"],
+        values["dkim_domain"],
+        values["dkim_selector"],
+        values["dkim_private_key"],
+        values["enabled"],
+    )
+
+
+async def delete_mailbox(conn: asyncpg.Connection, tenant_id: str, mailbox_id: Any) -> bool:
+    result = await conn.execute(
+        "DELETE FROM mailboxes WHERE tenant_id = $1 AND id = $2", tenant_id, mailbox_id
+    )
+    return result.endswith(" 1")
+
+
+async def mailbox(conn: asyncpg.Connection | asyncpg.Pool, mailbox_id: Any) -> Any:
+    return await conn.fetchrow(f"SELECT {MAILBOX_COLUMNS} FROM mailboxes WHERE id = $1", mailbox_id)
+
+
+async def mailboxes_of(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, *, enabled_only: bool = False
+) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT {MAILBOX_COLUMNS} FROM mailboxes WHERE tenant_id = $1"
+            " AND (enabled OR NOT $2) ORDER BY email",
+            tenant_id,
+            enabled_only,
+        )
+    )
+
+
+async def assigned_mailbox(conn: asyncpg.Connection, enrollment_id: Any) -> Any:
+    return await conn.fetchval(
+        "SELECT mailbox_id FROM enrollment_mailboxes WHERE enrollment_id = $1", enrollment_id
+    )
+
+
+async def mailbox_loads(conn: asyncpg.Connection, mailbox_ids: list[Any]) -> dict[Any, int]:
+    rows = await conn.fetch(
+        "SELECT mailbox_id, count(*) AS n FROM enrollment_mailboxes"
+        " WHERE mailbox_id = ANY($1::uuid[]) GROUP BY mailbox_id",
+        mailbox_ids,
+    )
+    return {r["mailbox_id"]: r["n"] for r in rows}
+
+
+async def assign_mailbox(conn: asyncpg.Connection, enrollment_id: Any, mailbox_id: Any) -> Any:
+    """Assign unless another sender assigned first; returns the mailbox that holds."""
+    await conn.execute(
+        "INSERT INTO enrollment_mailboxes (enrollment_id, mailbox_id) VALUES ($1, $2)"
+        " ON CONFLICT (enrollment_id) DO UPDATE SET mailbox_id = excluded.mailbox_id"
+        " WHERE NOT EXISTS (SELECT 1 FROM mailboxes m WHERE m.id = enrollment_mailboxes.mailbox_id"
+        "   AND m.enabled)",
+        enrollment_id,
+        mailbox_id,
+    )
+    return await assigned_mailbox(conn, enrollment_id)
+
+
+async def reserve(conn: asyncpg.Connection, scope: str, window_start: datetime, limit: int) -> bool:
+    """Count one send in a window if it stays within ``limit``; atomic across replicas."""
+    count = await conn.fetchval(
+        "INSERT INTO send_counters (scope, window_start, count) VALUES ($1, $2, 1)"
+        " ON CONFLICT (scope, window_start) DO UPDATE SET count = send_counters.count + 1"
+        " WHERE send_counters.count < $3 RETURNING count",
+        scope,
+        window_start,
+        limit,
+    )
+    return count is not None
+
+
+async def reserve_global(conn: asyncpg.Connection, wanted: int, limit: int) -> int:
+    """Take up to ``wanted`` sends from this wall-clock second's global budget; how
+    many were granted. Atomic across replicas (row lock)."""
+    async with conn.transaction():
+        second = await conn.fetchval("SELECT date_trunc('second', clock_timestamp())")
+        await conn.execute(
+            "INSERT INTO send_counters (scope, window_start, count) VALUES ('global', $1, 0)"
+            " ON CONFLICT DO NOTHING",
+            second,
+        )
+        used = await conn.fetchval(
+            "SELECT count FROM send_counters WHERE scope = 'global' AND window_start = $1"
+            " FOR UPDATE",
+            second,
+        )
+        granted = max(0, min(wanted, limit - int(used)))
+        if granted:
+            await conn.execute(
+                "UPDATE send_counters SET count = count + $2"
+                " WHERE scope = 'global' AND window_start = $1",
+                second,
+                granted,
+            )
+        return granted
+
+
+async def prune_counters(conn: asyncpg.Connection | asyncpg.Pool, before: datetime) -> None:
+    await conn.execute(
+        "DELETE FROM send_counters WHERE window_start < $1 AND scope <> 'global'"
+        " OR (scope = 'global' AND window_start < clock_timestamp() - interval '1 minute')",
+        before,
+    )
+
+
+async def set_mailbox(conn: asyncpg.Connection, key: str, mailbox_id: Any) -> None:
+    await conn.execute(
+        "UPDATE deliveries SET mailbox_id = $2 WHERE delivery_key = $1", key, mailbox_id
+    )
+
+
+async def defer_for_cap(conn: asyncpg.Connection, key: str, until: datetime, reason: str) -> None:
+    await conn.execute(
+        "UPDATE deliveries SET status = 'deferred', next_attempt_at = $2, status_reason = $3,"
+        " deferrals = deferrals + 1, claimed_by = NULL, lease_until = NULL,"
+        " updated_at = clock_timestamp() WHERE delivery_key = $1",
+        key,
+        until,
+        reason,
+    )
+
+
+# ----------------------------------------------------------- dry runs, suppressions
+
+
+async def dry_run_scopes(conn: asyncpg.Connection, tenant_ids: list[str]) -> set[tuple[str, str]]:
+    rows = await conn.fetch(
+        "SELECT tenant_id, sequence_key FROM dry_runs WHERE tenant_id = ANY($1::text[])",
+        tenant_ids,
+    )
+    return {(r["tenant_id"], r["sequence_key"]) for r in rows}
+
+
+async def set_dry_run(
+    conn: asyncpg.Pool | asyncpg.Connection, tenant_id: str, sequence: str, enabled: bool
+) -> None:
+    if enabled:
+        await conn.execute(
+            "INSERT INTO dry_runs (tenant_id, sequence_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            tenant_id,
+            sequence,
+        )
+    else:
+        await conn.execute(
+            "DELETE FROM dry_runs WHERE tenant_id = $1 AND sequence_key = $2", tenant_id, sequence
+        )
+
+
+async def list_dry_runs(pool: asyncpg.Pool, tenant_id: str) -> list[str]:
+    rows = await pool.fetch(
+        "SELECT sequence_key FROM dry_runs WHERE tenant_id = $1 ORDER BY 1", tenant_id
+    )
+    return [r["sequence_key"] for r in rows]
+
+
+async def mark_dry_run(
+    conn: asyncpg.Connection,
+    key: str,
+    message_id: str,
+    from_email: str,
+    from_name: str | None,
+    sent_at: datetime,
+    links: list[str],
+    mailbox_id: Any,
+) -> Any:
+    return await conn.fetchrow(
+        "UPDATE deliveries SET status = 'dry_run', dry_run = true, message_id = $2,"
+        " from_email = $3, from_name = $4, sent_at = $5, links = $6, mailbox_id = $7,"
+        " status_reason = 'dry run: built, not handed off', lease_until = NULL,"
+        f" updated_at = clock_timestamp() WHERE delivery_key = $1 RETURNING {DELIVERY_COLUMNS}",
+        key,
+        message_id,
+        from_email,
+        from_name,
+        sent_at,
+        links,
+        mailbox_id,
+    )
+
+
+async def list_suppressions(
+    pool: asyncpg.Pool, tenant_id: str, email: str | None, limit: int, offset: int
+) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT email, reason, source, created_at FROM suppressions WHERE tenant_id = $1"
+        " AND ($2::text IS NULL OR email = $2) ORDER BY created_at DESC LIMIT $3 OFFSET $4",
+        tenant_id,
+        email,
+        limit,
+        offset,
+    )
+    return [dict(r) for r in rows]
+
+
+async def remove_suppression(conn: asyncpg.Pool, tenant_id: str, email: str) -> bool:
+    result = await conn.execute(
+        "DELETE FROM suppressions WHERE tenant_id = $1 AND email = $2", tenant_id, email
+    )
+    return result.endswith(" 1")

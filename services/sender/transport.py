@@ -37,6 +37,9 @@ class SmtpConfig:
     starttls: bool = False
     tls: bool = False
     timeout: float = 30.0
+    validate_certs: bool = True
+    #: A CA bundle to verify the server's certificate with (a private CA, tests).
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,8 @@ class SmtpTransport:
             use_tls=c.tls,
             start_tls=c.starttls if not c.tls else False,
             timeout=c.timeout,
+            validate_certs=c.validate_certs,
+            cert_bundle=c.ca_file,
         )
         await client.connect()
         if c.username:
