@@ -113,6 +113,12 @@ class SmtpTransport:
                     text = refusal.message if refusal is not None else str(exc)
                     await self._reset()
                     raise _classify(code, f"recipient refused: {code} {text}") from exc
+                except aiosmtplib.SMTPAuthenticationError as exc:
+                    # Our credentials, not this message: try another transport, or later.
+                    await self.close()
+                    raise TransientSendError(
+                        f"authentication failed: {exc.code} {exc.message}", exc.code
+                    ) from exc
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     self._client = None
                     if attempt == 2:
