@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ def _docker_available() -> bool:
 
 
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
+def infra() -> Iterator[Infra]:
     kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     smtp = (
         (os.environ["SMTP_HOST"], int(os.environ.get("SMTP_PORT", "25")))
@@ -63,12 +65,16 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
         with PostgresContainer("postgres:16-alpine", driver=None) as pg:
             yield Infra(pg.get_connection_url(), kafka, smtp, "testcontainers")
         return
-    stack = Stack(tmp_path_factory.mktemp("infra"))
+    # Not under pytest's basetemp: pytest prunes old run folders, and a concurrent run
+    # must not pull the data directory from under a running server.
+    root = Path(tempfile.mkdtemp(prefix="touchstream-infra-"))
+    stack = Stack(root)
     try:
         dsn = stack.start_postgres()
         yield Infra(dsn.rsplit("/", 1)[0] + "/postgres", kafka, smtp, "local")
     finally:
         stack.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -89,7 +89,11 @@ class ScriptedSmtp:
         self._script[recipient.lower()].extend(replies)
 
     async def handle_RCPT(  # aiosmtpd hook
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
     ) -> str:
         envelope.rcpt_tos.append(address)
@@ -104,7 +108,8 @@ class ScriptedSmtp:
         login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
         self.received.append(
             Received(
-                str(envelope.mail_from), list(envelope.rcpt_tos),
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
                 bytes(envelope.original_content or b""),
                 login.decode() if isinstance(login, bytes) else None,
             )
@@ -116,8 +121,9 @@ class _Authenticator:
     def __init__(self, username: str, password: str) -> None:
         self.username, self.password = username.encode(), password.encode()
 
-    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
-                 auth_data: Any) -> AuthResult:
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         ok = (
             isinstance(auth_data, LoginPassword)
             and auth_data.login == self.username

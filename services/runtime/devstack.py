@@ -375,11 +375,16 @@ class Stack:
     def mail_dir(self) -> Path:
         return self.root / "mail"
 
-    def start_service(self, name: str, env: dict[str, str], wait: bool = True) -> None:
-        argv = [sys.executable, "-m", "services.runtime.cli", "run", name]
+    def start_service(
+        self, name: str, env: dict[str, str], wait: bool = True, service: str | None = None
+    ) -> None:
+        """Start a service process labelled ``name`` (``service`` when it is a second
+        replica, e.g. name "sender-2", service "sender")."""
+        service = service or name
+        argv = [sys.executable, "-m", "services.runtime.cli", "run", service]
         proc = self.spawn(name, argv, env={**_python_env(), **env})
         if wait:
-            port = int(env.get(f"{name.upper()}_HTTP_PORT", DEFAULT_HTTP_PORTS[name]))
+            port = int(env.get(f"{service.upper()}_HTTP_PORT", DEFAULT_HTTP_PORTS[service]))
             wait_for_port("127.0.0.1", port, 60, proc, name, self.root / f"logs/{name}.log")
 
 

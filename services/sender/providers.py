@@ -369,12 +369,9 @@ class MailgunTransport(_HttpTransport):
         data = _json(response)
         if response.is_success:
             if not isinstance(data, dict):
-                raise ProviderTransientError(
-                    f"mailgun: HTTP {response.status_code} with an unreadable body: "
-                    f"{_short(response.text)}",
-                    response.status_code,
-                    provider=self.provider,
-                )
+                # Queued all the same: failing here would send the message twice.
+                log.warning("mailgun: HTTP %s with an unreadable body", response.status_code)
+                return Accepted(response.status_code, _short(response.text), None)
             provider_id = data.get("id")
             return Accepted(
                 response.status_code,
@@ -442,6 +439,10 @@ class PostmarkTransport(_HttpTransport):
         data = _json(response)
         error_code = data.get("ErrorCode") if isinstance(data, dict) else None
         text = str(data.get("Message") or "") if isinstance(data, dict) else response.text
+        if response.is_success and not isinstance(data, dict):
+            # Accepted all the same: failing here would send the message twice.
+            log.warning("postmark: HTTP %s with an unreadable body", response.status_code)
+            return Accepted(response.status_code, _short(response.text), None)
         if response.is_success and error_code == 0 and isinstance(data, dict):
             provider_id = data.get("MessageID")
             return Accepted(

@@ -159,7 +159,7 @@ async def defer(
 ) -> None:
     await conn.execute(
         "UPDATE deliveries SET status = 'deferred', next_attempt_at = $2, status_reason = $3,"
-        " smtp_code = $4, claimed_by = NULL, lease_until = NULL,"
+        " smtp_code = $4, claimed_by = NULL, lease_until = NULL, deferrals = deferrals + 1,"
         " updated_at = clock_timestamp() WHERE delivery_key = $1",
         key,
         until,

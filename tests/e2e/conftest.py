@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from services.runtime.devstack import Stack
+from services.runtime.devstack import SERVICES, Stack
 from tests.conftest import Infra
 from tests.e2e.harness import Deployment
 
@@ -23,25 +23,29 @@ async def deploy(
     """Start a deployment: ``await deploy(clock_speed=86400)``."""
     started: list[Deployment] = []
 
-    async def start(clock_speed: float = 86400, **kwargs: Any) -> Deployment:
+    async def start(
+        clock_speed: float = 86400,
+        services: tuple[str, ...] = SERVICES,
+        smtp: tuple[str, int] | None = None,
+        **kwargs: Any,
+    ) -> Deployment:
         deployment = Deployment(
             local_stack,
             database_url=database_url,
             kafka=kafka_bootstrap,
-            smtp=infra.smtp,
+            smtp=smtp or infra.smtp,
             clock_speed=clock_speed,
             **kwargs,
         )
         started.append(deployment)
-        await deployment.start()
+        await deployment.start(services)
         return deployment
 
     yield start
     for deployment in started:
-        await deployment.close()
-        report = request.node.stash.get(_failed_key, False)
-        if report:
+        if request.node.stash.get(_failed_key, False):
             print(deployment.dump_logs())
+        await deployment.close()
 
 
 _failed_key = pytest.StashKey[bool]()

@@ -62,6 +62,7 @@ class Deployment:
             },
         )
         self._producer: AIOKafkaProducer | None = None
+        self.replicas: dict[str, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -81,6 +82,18 @@ class Deployment:
         )
         await self.eventually(lambda: self._ready(name), timeout=timeout, what=f"{name} ready")
 
+    async def start_replica(self, service: str, name: str) -> None:
+        """Another process of ``service``, labelled ``name``, on its own HTTP port."""
+        self.ports[name] = free_port()
+        self.replicas[name] = service
+        self.stack.start_service(
+            name,
+            {**self.env, f"{service.upper()}_HTTP_PORT": str(self.ports[name])},
+            wait=False,
+            service=service,
+        )
+        await self.wait_ready(name)
+
     async def _ready(self, name: str) -> bool:
         try:
             async with httpx.AsyncClient() as client:
@@ -90,9 +103,13 @@ class Deployment:
             return False
 
     async def close(self) -> None:
+        """Stop the producer and every service process (before the database goes)."""
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+        for name in [*SERVICES, *self.replicas]:
+            if name in self.stack.processes:
+                await asyncio.to_thread(self.stack.stop, name)
 
     def kill(self, name: str) -> None:
         """SIGKILL a service, as a crash would."""
@@ -100,7 +117,9 @@ class Deployment:
 
     async def restart(self, name: str) -> None:
         self.stack.processes.pop(name, None)
-        self.stack.start_service(name, self.env, wait=False)
+        service = self.replicas.get(name, name)
+        env = {**self.env, f"{service.upper()}_HTTP_PORT": str(self.ports[name])}
+        self.stack.start_service(name, env, wait=False, service=service)
         await self.wait_ready(name)
 
     # ------------------------------------------------------------------- helpers

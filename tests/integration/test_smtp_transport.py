@@ -1,0 +1,566 @@
+"""SmtpTransport (services/sender/transport.py) against real aiosmtpd servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosmtplib
+import dkim
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+import tests.smtp_server as smtp_server_module
+from services.runtime.devstack import free_port
+from services.sender.mime import DkimKey, OutgoingEmail, TrackingConfig, build_message
+from services.sender.transport import (
+    Accepted,
+    PermanentSendError,
+    SmtpConfig,
+    SmtpTransport,
+    TransientSendError,
+)
+from tests.smtp_server import ScriptedSmtp, smtp_server
+
+pytestmark = pytest.mark.integration
+
+SENDER = "sales@example.com"
+RECIPIENT = "ada@example.org"
+NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+AUTH_SERVER: dict[str, object] = {"username": "mailer", "password": "s3cret", "starttls": True}
+TRACKING = TrackingConfig(base_url="https://track.example.net", secret=b"transport-secret")
+
+
+@dataclass
+class CountingSmtp(ScriptedSmtp):
+    """ScriptedSmtp that also remembers every connection (one aiosmtpd session each)
+    that reached RCPT, and can drop the connection when DATA arrives."""
+
+    sessions: list[Session] = field(default_factory=list)
+    protocols: list[SMTP] = field(default_factory=list)
+    #: How many of the next DATA commands are answered by closing the connection.
+    drop_data: int = 0
+    #: Close the connection right after replying 421 (as RFC 5321 servers do).
+    close_after_421: bool = False
+
+    @property
+    def connections(self) -> int:
+        return len(self.sessions)
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not any(known is session for known in self.sessions):
+            self.sessions.append(session)
+            self.protocols.append(server)
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.drop_data > 0:
+            self.drop_data -= 1
+            for recipient in envelope.rcpt_tos:
+                self.attempts[recipient.lower()] += 1
+            assert server.transport is not None
+            server.transport.abort()
+            return "451 4.3.0 dropped"  # never reaches the client
+        reply = await super().handle_DATA(server, session, envelope)
+        if reply.startswith("421") and self.close_after_421:
+            transport = server.transport
+            assert transport is not None
+            # Runs once aiosmtpd has written the reply: close() flushes it, then hangs up.
+            asyncio.get_running_loop().call_soon(transport.close)
+        return reply
+
+    def drop_connections(self) -> None:
+        """Close every open connection from the server side (an idle timeout, a restart)."""
+        for protocol in self.protocols:
+            if protocol.transport is not None:
+                protocol.transport.abort()
+
+
+@pytest.fixture(autouse=True)
+def counting_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """smtp_server() builds its handler from the module global: make it a CountingSmtp."""
+    monkeypatch.setattr(smtp_server_module, "ScriptedSmtp", CountingSmtp)
+    yield
+
+
+@asynccontextmanager
+async def counting_server(**options: object) -> AsyncIterator[tuple[CountingSmtp, Path | None]]:
+    async with smtp_server(**options) as (server, ca_file):  # type: ignore[arg-type]
+        assert isinstance(server, CountingSmtp)
+        yield server, ca_file
+
+
+def config_for(server: ScriptedSmtp, **changes: object) -> SmtpConfig:
+    options: dict[str, object] = {"host": server.host, "port": server.port, "timeout": 5.0}
+    options.update(changes)
+    return SmtpConfig(**options)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def transport_for(server: ScriptedSmtp, **changes: object) -> AsyncIterator[SmtpTransport]:
+    transport = SmtpTransport(config_for(server, **changes))
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+def raw_message(n: int = 0, to: str = RECIPIENT) -> bytes:
+    return (
+        f"From: Sam <{SENDER}>\r\n"
+        f"To: <{to}>\r\n"
+        f"Subject: message {n}\r\n"
+        f"Message-ID: <m{n}@example.com>\r\n"
+        "\r\n"
+        f"Hello number {n}.\r\n"
+        ".leading dot must survive dot-stuffing\r\n"
+        "..two dots too\r\n"
+        "\r\n"
+        "-- \r\n"
+        "Sam\r\n"
+    ).encode()
+
+
+# ----------------------------------------------------------------- plain delivery
+
+
+async def test_plain_send_is_accepted_and_bytes_arrive_unchanged() -> None:
+    built = build_message(
+        OutgoingEmail(
+            delivery_key="enr-1:0",
+            from_email=SENDER,
+            from_name="Sam Sales",
+            to_email=RECIPIENT,
+            to_name="Ada Lovelace",
+            subject="Quick question",
+            text="Hi Ada,\n\nSee https://acme.example/pricing\n.a line with a dot\n\nSam",
+            html=None,
+            thread_delivery_key=None,
+            tracking=True,
+        ),
+        TRACKING,
+        NOW,
+    )
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        accepted = await transport.send(built)
+
+    assert isinstance(accepted, Accepted)
+    assert accepted.code == 250
+    assert "OK queued" in accepted.response
+    assert len(server.received) == 1
+    got = server.received[0]
+    assert got.mail_from == SENDER
+    assert got.rcpt_tos == [RECIPIENT]
+    assert got.data == built.data
+    assert got.authenticated_as is None
+    assert got.message["Message-ID"] == built.message_id
+
+
+async def test_send_raw_keeps_dot_lines_and_crlf() -> None:
+    data = raw_message(7)
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send_raw(SENDER, RECIPIENT, data)
+
+    assert [r.data for r in server.received] == [data]
+
+
+# ----------------------------------------------------------------- AUTH and TLS
+
+
+async def test_auth_over_starttls_with_test_ca(tmp_path: Path) -> None:
+    async with (
+        counting_server(**AUTH_SERVER, cert_dir=tmp_path) as (server, ca_file),
+        transport_for(
+            server,
+            username="mailer",
+            password="s3cret",
+            starttls=True,
+            validate_certs=True,
+            ca_file=str(ca_file),
+        ) as transport,
+    ):
+        accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message())
+        session = server.sessions[0]
+
+    assert accepted.code == 250
+    assert len(server.received) == 1
+    assert server.received[0].authenticated_as == "mailer"
+    assert session.ssl is not None, "the message did not travel over TLS"
+    assert session.authenticated
+
+
+async def test_wrong_password_is_transient_with_code_535(tmp_path: Path) -> None:
+    async with (
+        counting_server(**AUTH_SERVER, cert_dir=tmp_path) as (server, ca_file),
+        transport_for(
+            server,
+            username="mailer",
+            password="wrong",
+            starttls=True,
+            ca_file=str(ca_file),
+        ) as transport,
+    ):
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message())
+
+    assert not isinstance(caught.value, PermanentSendError)
+    assert caught.value.code == 535
+    assert "authentication failed" in str(caught.value)
+    assert server.received == []
+
+
+async def test_server_requiring_starttls_refuses_a_client_without_it(tmp_path: Path) -> None:
+    """The server demands STARTTLS (530 on MAIL); the transport classifies the 5xx as
+    permanent. Nothing is delivered in the clear."""
+    async with (
+        counting_server(starttls=True, cert_dir=tmp_path) as (server, ca_file),
+        transport_for(server, starttls=False, ca_file=str(ca_file)) as transport,
+    ):
+        with pytest.raises(PermanentSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message())
+
+    assert caught.value.code == 530
+    assert server.received == []
+    assert server.connections == 0, "RCPT should never have been reached"
+
+
+async def test_credentials_without_starttls_fail_transiently_before_auth(tmp_path: Path) -> None:
+    """With AUTH only offered after STARTTLS, a client that skips STARTTLS cannot log in
+    (and must not send the password in the clear): a config problem, transient."""
+    async with (
+        counting_server(**AUTH_SERVER, cert_dir=tmp_path) as (server, ca_file),
+        transport_for(
+            server, username="mailer", password="s3cret", starttls=False, ca_file=str(ca_file)
+        ) as transport,
+    ):
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message())
+
+    assert not isinstance(caught.value, PermanentSendError)
+    assert server.received == []
+
+
+async def test_untrusted_certificate_over_starttls_is_transient(tmp_path: Path) -> None:
+    async with (
+        counting_server(starttls=True, cert_dir=tmp_path) as (server, _),
+        transport_for(server, starttls=True, validate_certs=True, ca_file=None) as transport,
+    ):
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message())
+
+    assert not isinstance(caught.value, PermanentSendError)
+    assert (
+        "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+        or "certificate" in str(caught.value).lower()
+    )
+    assert server.received == []
+    assert server.connections == 0
+
+
+async def test_untrusted_certificate_with_implicit_tls_is_transient(tmp_path: Path) -> None:
+    async with (
+        counting_server(implicit_tls=True, cert_dir=tmp_path) as (server, _),
+        transport_for(server, tls=True, validate_certs=True) as transport,
+    ):
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message())
+
+    assert not isinstance(caught.value, PermanentSendError)
+    assert server.received == []
+
+
+async def test_implicit_tls_delivers(tmp_path: Path) -> None:
+    async with (
+        counting_server(implicit_tls=True, cert_dir=tmp_path) as (server, ca_file),
+        transport_for(server, tls=True, validate_certs=True, ca_file=str(ca_file)) as transport,
+    ):
+        first = await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+        second = await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+
+    assert first.code == second.code == 250
+    assert [r.data for r in server.received] == [raw_message(1), raw_message(2)]
+    assert server.connections == 1
+
+
+async def test_implicit_tls_ignores_the_starttls_flag(tmp_path: Path) -> None:
+    """tls=True with starttls=True must not try STARTTLS inside the TLS session."""
+    async with (
+        counting_server(implicit_tls=True, cert_dir=tmp_path) as (server, ca_file),
+        transport_for(server, tls=True, starttls=True, ca_file=str(ca_file)) as transport,
+    ):
+        await transport.send_raw(SENDER, RECIPIENT, raw_message())
+
+    assert len(server.received) == 1
+
+
+# ----------------------------------------------------------------- scripted replies
+
+
+@pytest.mark.parametrize(("server_closes", "connections"), [(False, 1), (True, 2)])
+async def test_421_is_transient_and_the_next_attempt_is_accepted(
+    server_closes: bool, connections: int
+) -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.close_after_421 = server_closes
+        server.reply(RECIPIENT, "421 4.7.0 Try again later")
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+        assert caught.value.code == 421
+        assert server.received == []
+
+        accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+
+    assert accepted.code == 250
+    assert [r.data for r in server.received] == [raw_message(2)]
+    assert server.attempts[RECIPIENT] == 2
+    # Either the connection survived (RSET accepted) or a fresh one was opened.
+    assert server.connections == connections
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "450 4.2.1 Mailbox busy",
+        "451 4.3.0 Local error in processing",
+        "452 4.2.2 Insufficient storage",
+    ],
+)
+async def test_4xx_is_transient_and_the_connection_is_reused(reply: str) -> None:
+    code = int(reply[:3])
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.reply(RECIPIENT, reply)
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+        assert not isinstance(caught.value, PermanentSendError)
+        assert caught.value.code == code
+        assert str(code) in str(caught.value)
+
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+
+    assert [r.data for r in server.received] == [raw_message(2)]
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "550 5.1.1 User unknown",
+        "551 5.1.6 User not local",
+        "553 5.1.3 Mailbox name not allowed",
+        "554 5.7.1 Message rejected as spam",
+    ],
+)
+async def test_5xx_is_permanent_with_its_code(reply: str) -> None:
+    code = int(reply[:3])
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.reply(RECIPIENT, reply)
+        with pytest.raises(PermanentSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+
+    assert caught.value.code == code
+    assert reply[4:] in str(caught.value)
+    assert server.received == []
+    assert server.attempts[RECIPIENT] == 1, "a permanent refusal must not be retried"
+
+
+async def test_after_a_refusal_the_same_connection_sends_the_next_message() -> None:
+    other = "grace@example.org"
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.reply(RECIPIENT, "550 5.1.1 User unknown")
+        with pytest.raises(PermanentSendError):
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1, RECIPIENT))
+        # RSET cleared the envelope: the refused recipient does not leak into this one.
+        await transport.send_raw(SENDER, other, raw_message(2, other))
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(3, RECIPIENT))
+
+    assert [(r.rcpt_tos, r.data) for r in server.received] == [
+        ([other], raw_message(2, other)),
+        ([RECIPIENT], raw_message(3, RECIPIENT)),
+    ]
+    assert server.connections == 1
+
+
+# ----------------------------------------------------------------- dropped connections
+
+
+async def test_unused_port_is_transient() -> None:
+    transport = SmtpTransport(SmtpConfig(host="127.0.0.1", port=free_port(), timeout=2.0))
+    try:
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message())
+    finally:
+        await transport.close()
+    assert not isinstance(caught.value, PermanentSendError)
+
+
+async def test_connection_dropped_during_data_with_server_gone_is_transient() -> None:
+    async with counting_server() as (server, _):
+        transport = SmtpTransport(config_for(server, timeout=2.0))
+        try:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+            # Every DATA from now on kills the connection (the server is going away).
+            server.drop_data = 10
+            with pytest.raises(TransientSendError) as caught:
+                await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+        finally:
+            await transport.close()
+
+    assert not isinstance(caught.value, PermanentSendError)
+    assert [r.data for r in server.received] == [raw_message(1)]
+
+
+async def test_server_restart_between_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server goes away (idle connection dropped, listener closed): transient; once it
+    is back on the same port, the same transport object reconnects and delivers."""
+    async with counting_server() as (server, _):
+        port = server.port
+        transport = SmtpTransport(config_for(server, timeout=2.0))
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+        server.drop_connections()
+    try:
+        await asyncio.sleep(0.05)
+        with pytest.raises(TransientSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+        assert not isinstance(caught.value, PermanentSendError)
+
+        monkeypatch.setattr(smtp_server_module, "free_port", lambda: port)
+        async with counting_server() as (restarted, _):
+            assert restarted.port == port
+            accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(3))
+    finally:
+        await transport.close()
+
+    assert accepted.code == 250
+    assert [r.data for r in server.received] == [raw_message(1)]
+    assert [r.data for r in restarted.received] == [raw_message(3)]
+
+
+@pytest.mark.parametrize("noticed", [False, True], ids=["unnoticed", "noticed"])
+async def test_idle_connection_dropped_by_server_is_reopened_transparently(
+    noticed: bool,
+) -> None:
+    """Whether or not the client has seen the EOF yet, the next send reconnects."""
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+        server.drop_connections()
+        if noticed:
+            await asyncio.sleep(0.05)
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+
+    assert [r.data for r in server.received] == [raw_message(1), raw_message(2)]
+    assert server.connections == 2
+
+
+async def test_one_drop_during_data_is_retried_on_a_fresh_connection() -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.drop_data = 1
+        accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+
+    assert accepted.code == 250
+    assert [r.data for r in server.received] == [raw_message(1)]
+    assert server.attempts[RECIPIENT] == 2
+    assert server.connections == 2
+
+
+# ----------------------------------------------------------------- connection reuse
+
+
+async def test_twenty_messages_share_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    connects = 0
+    original = aiosmtplib.SMTP.connect
+
+    async def counting_connect(self: aiosmtplib.SMTP, *args: object, **kwargs: object) -> object:
+        nonlocal connects
+        connects += 1
+        return await original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "connect", counting_connect)
+    started = time.monotonic()
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        for n in range(20):
+            accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(n))
+            assert accepted.code == 250
+
+    assert [r.data for r in server.received] == [raw_message(n) for n in range(20)]
+    assert connects == 1
+    assert server.connections == 1
+    assert time.monotonic() - started < 10
+
+
+async def test_concurrent_sends_share_one_connection() -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        results = await asyncio.gather(
+            *(transport.send_raw(SENDER, RECIPIENT, raw_message(n)) for n in range(10))
+        )
+
+    assert all(r.code == 250 for r in results)
+    assert sorted(r.data for r in server.received) == sorted(raw_message(n) for n in range(10))
+    assert server.connections == 1
+
+
+async def test_close_then_send_reconnects() -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+        await transport.close()
+        await transport.close()  # idempotent
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+
+    assert len(server.received) == 2
+    assert server.connections == 2
+
+
+# ----------------------------------------------------------------- DKIM end to end
+
+
+async def test_dkim_signature_survives_the_smtp_hop() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(spki)
+    built = build_message(
+        OutgoingEmail(
+            delivery_key="enr-2:0",
+            from_email=SENDER,
+            from_name="Sam",
+            to_email=RECIPIENT,
+            to_name=None,
+            subject="Signed",
+            text="Hi,\n.dot line\n\nhttps://acme.example/x\n",
+            html=None,
+            thread_delivery_key=None,
+            tracking=True,
+        ),
+        TRACKING,
+        NOW,
+        dkim_key=DkimKey("example.com", "sel1", pem),
+    )
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        return record if name == b"sel1._domainkey.example.com." else None
+
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send(built)
+
+    assert len(server.received) == 1
+    assert dkim.verify(server.received[0].data, dnsfunc=dnsfunc) is True
