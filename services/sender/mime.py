@@ -293,20 +293,29 @@ DKIM_HEADERS = (
 )
 
 
+#: Headers signed one more time than they appear, so that a header added later
+#: (a second List-Unsubscribe, say) breaks the signature (RFC 6376 section 8.15).
+DKIM_OVERSIGNED = (b"From", b"Subject", b"List-Unsubscribe", b"List-Unsubscribe-Post")
+
+
 def sign_dkim(data: bytes, key: DkimKey) -> bytes:
     """Prepend a DKIM-Signature (rsa-sha256, relaxed/relaxed) made with dkimpy."""
     import dkim
 
+    present = [h for h in DKIM_HEADERS if _has_header(data, h)]
+    headers = present + [h for h in DKIM_OVERSIGNED if h in present]
+    # dkimpy finds the key between "-----" lines; PEM (RFC 7468) also allows CRLF.
+    private_key = key.private_key_pem.replace(b"\r\n", b"\n").strip() + b"\n"
     try:
         signature = dkim.sign(
             data,
             key.selector.encode(),
             key.domain.encode(),
-            key.private_key_pem,
-            include_headers=[h for h in DKIM_HEADERS if _has_header(data, h)],
+            private_key,
+            include_headers=headers,
             canonicalize=(b"relaxed", b"relaxed"),
         )
-    except dkim.DKIMException as exc:
+    except Exception as exc:  # dkimpy raises DKIMException, but also binascii/ASN.1 errors
         raise InvalidMessage(f"DKIM signing failed: {exc}") from exc
     return bytes(signature) + data
 

@@ -65,8 +65,13 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+#: 5xx replies about our session, not the message: TLS or authentication required,
+#: credentials rejected. Another transport, or a fixed configuration, can deliver.
+SESSION_CODES = frozenset({523, 530, 534, 535, 538})
+
+
 def _classify(code: int | None, message: str) -> SendError:
-    if code is not None and 500 <= code < 600:
+    if code is not None and 500 <= code < 600 and code not in SESSION_CODES:
         return PermanentSendError(message, code)
     return TransientSendError(message, code)
 
