@@ -6,7 +6,7 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -519,6 +519,25 @@ def stop_reason_for(engagement: EngagementReceived) -> str | None:
         EngagementType.COMPLAINED: "complained",
         EngagementType.BOUNCED: "bounced",
     }[engagement.engagement_type]
+
+
+#: How long an out-of-office pauses an enrollment when it names no return date.
+DEFAULT_OUT_OF_OFFICE = timedelta(days=7)
+
+
+def resume_after_out_of_office(return_date: str | None, now: datetime) -> datetime:
+    """The morning after the stated return date (the person catches up first), or a
+    week from now when none is stated (or it is not in the future)."""
+    if return_date:
+        try:
+            back = date.fromisoformat(return_date)
+        except ValueError:
+            back = None
+        if back is not None:
+            resume = datetime.combine(back + timedelta(days=1), time(9, 0), tzinfo=UTC)
+            if resume > now:
+                return resume
+    return now + DEFAULT_OUT_OF_OFFICE
 
 
 def company_domain(email: str) -> str | None:

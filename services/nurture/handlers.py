@@ -415,6 +415,9 @@ async def handle_engagement(
         ],
     )
     for event in events:
+        if event.engagement_type is EngagementType.AUTO_REPLIED:
+            await _pause_for_auto_reply(conn, event, now)
+            continue
         reason = domain.stop_reason_for(event)
         if reason is None:
             await repo.wake_waiting(conn, event.tenant_id, event.lead_id, now)
@@ -442,6 +445,32 @@ async def handle_engagement(
                     )
                 )
         await repo.write_log(conn, log, now)
+
+
+async def _pause_for_auto_reply(
+    conn: asyncpg.Connection, event: EngagementReceived, now: datetime
+) -> None:
+    """An out-of-office pauses the lead's enrollments until the stated return date
+    (or a default pause), instead of stopping them; other auto-replies change nothing."""
+    if event.detail.get("kind") != "out_of_office":
+        return
+    until = domain.resume_after_out_of_office(event.detail.get("return_date"), now)
+    running = await repo.running_enrollments_for_update(conn, event.tenant_id, event.lead_id)
+    log = []
+    for row in running:
+        if row["status"] == "paused":
+            continue
+        await repo.pause_enrollment(conn, row["id"], until, now)
+        log.append(
+            (
+                row["tenant_id"],
+                row["id"],
+                LogEntry(
+                    event.step_index, "paused", f"out of office: paused until {until.isoformat()}"
+                ),
+            )
+        )
+    await repo.write_log(conn, log, now)
 
 
 async def _company_stops(

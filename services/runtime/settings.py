@@ -120,6 +120,9 @@ class SenderSettings(CommonSettings):
     #: Deliveries in flight per sender process, each on its own connection. A crash
     #: leaves at most this many deliveries uncertain.
     concurrency: int = Field(default=1, ge=1, le=64)
+    #: A soft bounce reported later sends the message again, this many times at most.
+    soft_bounce_retries: int = Field(default=3, ge=0)
+    soft_bounce_retry_seconds: float = Field(default=3600.0, gt=0)
 
 
 class TrackerSettings(CommonSettings):
@@ -133,3 +136,17 @@ class TrackerSettings(CommonSettings):
     #: Wall seconds a validly signed token waits for its message to be registered
     #: (the EmailSent may still be on its way) before it is answered as unknown.
     registry_wait_seconds: float = Field(default=3.0, ge=0)
+    #: SendGrid Event Webhook verification key (base64 DER or PEM, as SendGrid shows it).
+    sendgrid_public_key: str | None = None
+    #: Mailgun webhook signing key (HMAC-SHA256).
+    mailgun_signing_key: SecretStr | None = None
+    #: Postmark webhooks: the basic-auth credentials set in the webhook URL.
+    postmark_username: str | None = None
+    postmark_password: SecretStr | None = None
+    #: Amazon SNS topics (ARNs, comma-separated) whose SES notifications are accepted.
+    ses_topic_arns: str = ""
+    #: How old a signed webhook timestamp may be (replay window), in seconds.
+    webhook_tolerance_seconds: int = Field(default=300, ge=10)
+
+    def ses_topics(self) -> set[str]:
+        return {arn.strip() for arn in self.ses_topic_arns.split(",") if arn.strip()}

@@ -97,7 +97,13 @@ class SenderService(Service[SenderSettings]):
     async def _on_engagement(
         self, conn: asyncpg.Connection, events: list[EngagementReceived]
     ) -> None:
-        await handlers.handle_engagement(conn, events)
+        await handlers.handle_engagement(
+            conn,
+            events,
+            now=self.clock.now(),
+            soft_bounce_retries=self.settings.soft_bounce_retries,
+            soft_bounce_delay=timedelta(seconds=self.settings.soft_bounce_retry_seconds),
+        )
 
     def background_loops(self) -> list[BackgroundLoop]:
         return [self.dispatcher]

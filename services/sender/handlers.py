@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
 from schemas import topics
 from schemas.events import (
+    BounceType,
     EmailFailed,
     EmailSent,
     EngagementReceived,
+    EngagementType,
     FailureKind,
     StepDue,
 )
@@ -38,6 +40,8 @@ def email_sent_event(row: asyncpg.Record, *, uncertain: bool = False) -> EmailSe
         links=list(row["links"] or []),
         uncertain=uncertain,
         dry_run=bool(row["dry_run"]),
+        transport=row["transport"],
+        provider_message_id=row["provider_message_id"],
     )
 
 
@@ -63,10 +67,26 @@ async def handle_step_due(conn: asyncpg.Connection, events: list[StepDue]) -> No
     await repo.insert_deliveries(conn, events)
 
 
-async def handle_engagement(conn: asyncpg.Connection, events: list[EngagementReceived]) -> None:
+async def handle_engagement(
+    conn: asyncpg.Connection,
+    events: list[EngagementReceived],
+    *,
+    now: datetime | None = None,
+    soft_bounce_retries: int = 3,
+    soft_bounce_delay: timedelta = timedelta(hours=1),
+) -> None:
     """Keep the suppression list; cancel what is still queued for a lead who replied,
-    unsubscribed, complained or hard-bounced."""
+    unsubscribed, complained or hard-bounced; send a soft-bounced message again."""
     for event in events:
+        if (
+            event.engagement_type is EngagementType.BOUNCED
+            and event.bounce_type is BounceType.SOFT
+            and event.delivery_key
+            and now is not None
+        ):
+            await repo.retry_soft_bounce(
+                conn, event.delivery_key, now + soft_bounce_delay, soft_bounce_retries
+            )
         if event.suppresses_address:
             await repo.add_suppression(
                 conn,

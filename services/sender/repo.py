@@ -490,3 +490,23 @@ async def remove_suppression(conn: asyncpg.Pool, tenant_id: str, email: str) -> 
         "DELETE FROM suppressions WHERE tenant_id = $1 AND email = $2", tenant_id, email
     )
     return result.endswith(" 1")
+
+
+async def retry_soft_bounce(
+    conn: asyncpg.Connection, key: str, until: datetime, limit: int
+) -> str | None:
+    """Send a soft-bounced delivery again later, at most ``limit`` times; the new
+    status (None when the key is unknown or not sent)."""
+    return await conn.fetchval(
+        "UPDATE deliveries SET soft_bounces = soft_bounces + 1,"
+        " status = CASE WHEN soft_bounces + 1 > $3 THEN 'failed' ELSE 'deferred' END,"
+        " status_reason = CASE WHEN soft_bounces + 1 > $3"
+        "   THEN 'soft bounces: gave up after ' || $3 || ' retries'"
+        "   ELSE 'soft bounce: retrying' END,"
+        " next_attempt_at = $2, claimed_by = NULL, lease_until = NULL,"
+        " deferrals = deferrals + 1, updated_at = clock_timestamp()"
+        " WHERE delivery_key = $1 AND status IN ('sent', 'uncertain') RETURNING status",
+        key,
+        until,
+        limit,
+    )

@@ -13,7 +13,7 @@ from schemas.events import EmailSent
 MESSAGE_COLUMNS = (
     "message_id, delivery_key, tenant_id, lead_id, enrollment_id, sequence_id, sequence_key,"
     " sequence_version, step_id, step_index, variant, to_email, from_email, subject, links,"
-    " sent_at, uncertain"
+    " sent_at, uncertain, provider_message_id, transport, dry_run"
 )
 
 
@@ -21,9 +21,12 @@ async def register_messages(conn: asyncpg.Connection, events: Sequence[EmailSent
     await conn.executemany(
         "INSERT INTO messages (message_id, delivery_key, tenant_id, lead_id, enrollment_id,"
         " sequence_id, sequence_key, sequence_version, step_id, step_index, variant, to_email,"
-        " from_email, subject, links, sent_at, uncertain)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
-        " ON CONFLICT (message_id) DO NOTHING",
+        " from_email, subject, links, sent_at, uncertain, provider_message_id, transport,"
+        " dry_run)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)"
+        " ON CONFLICT (message_id) DO UPDATE SET"
+        " provider_message_id = coalesce(messages.provider_message_id,"
+        "   excluded.provider_message_id), uncertain = messages.uncertain AND excluded.uncertain",
         [
             (
                 e.message_id,
@@ -43,6 +46,9 @@ async def register_messages(conn: asyncpg.Connection, events: Sequence[EmailSent
                 e.links,
                 e.sent_at,
                 e.uncertain,
+                e.provider_message_id,
+                e.transport,
+                e.dry_run,
             )
             for e in events
         ],
@@ -84,10 +90,13 @@ async def insert_engagement(
     machine: bool,
     occurred_at: datetime,
     detail: dict[str, Any],
+    provider: str | None = None,
+    provider_event_id: str | None = None,
 ) -> bool:
     inserted = await conn.fetchval(
         "INSERT INTO engagement_events (event_id, dedupe_key, tenant_id, message_id, lead_id,"
-        " type, source, machine, occurred_at, detail) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+        " type, source, machine, occurred_at, detail, provider, provider_event_id)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
         " ON CONFLICT (dedupe_key) DO NOTHING RETURNING true",
         event_id,
         dedupe_key,
@@ -99,6 +108,8 @@ async def insert_engagement(
         machine,
         occurred_at,
         detail,
+        provider,
+        provider_event_id,
     )
     return bool(inserted)
 
@@ -141,3 +152,91 @@ async def engagement_counts(pool: asyncpg.Pool, message_id: str) -> dict[str, in
         message_id,
     )
     return {r["type"]: r["n"] for r in rows}
+
+
+async def message_for_event(
+    conn: asyncpg.Connection,
+    *,
+    delivery_key: str | None,
+    message_id: str | None,
+    provider_message_id: str | None,
+    email: str | None,
+    tenant_id: str | None = None,
+) -> asyncpg.Record | None:
+    """The message a provider event or an inbound email is about: by our delivery key,
+    by Message-ID, by the provider's id, else the latest message to that address."""
+    if delivery_key:
+        row = await conn.fetchrow(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE delivery_key = $1", delivery_key
+        )
+        if row is not None:
+            return row
+    if message_id:
+        row = await message(conn, message_id)
+        if row is not None:
+            return row
+    if provider_message_id:
+        row = await conn.fetchrow(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_message_id = $1"
+            " ORDER BY sent_at DESC LIMIT 1",
+            provider_message_id,
+        )
+        if row is not None:
+            return row
+    if email:
+        return await conn.fetchrow(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE to_email = $1"
+            " AND ($2::text IS NULL OR tenant_id = $2) AND NOT dry_run"
+            " ORDER BY sent_at DESC LIMIT 1",
+            email.lower(),
+            tenant_id,
+        )
+    return None
+
+
+async def seen_token(conn: asyncpg.Connection | asyncpg.Pool, provider: str, token: str) -> bool:
+    """Record a webhook token; True when it had been seen before (a replay)."""
+    inserted = await conn.fetchval(
+        "INSERT INTO webhook_tokens (provider, token) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        provider,
+        token,
+    )
+    return not inserted
+
+
+async def prune_tokens(conn: asyncpg.Connection | asyncpg.Pool, older_than_seconds: float) -> None:
+    await conn.execute(
+        "DELETE FROM webhook_tokens WHERE seen_at < clock_timestamp() - make_interval(secs => $1)",
+        older_than_seconds,
+    )
+
+
+async def record_unattributed(
+    conn: asyncpg.Connection,
+    provider: str,
+    kind: str,
+    email: str | None,
+    received_at: datetime,
+    detail: dict[str, Any],
+) -> None:
+    await conn.execute(
+        "INSERT INTO unattributed (provider, kind, email, received_at, detail)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        provider,
+        kind,
+        email,
+        received_at,
+        detail,
+    )
+
+
+async def recent_clicks(conn: asyncpg.Connection, message_id: str, since: datetime) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM engagement_events WHERE message_id = $1 AND type = 'clicked'"
+            " AND occurred_at >= $2",
+            message_id,
+            since,
+        )
+    )

@@ -20,6 +20,9 @@ from tests.e2e.harness import Deployment
 pytestmark = pytest.mark.e2e
 
 LONDON = ZoneInfo("Europe/London")
+BROWSER = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+)
 #: Product time starts on Monday 23 November 2026, 07:00 in London (before opening).
 START = "2026-11-23T07:00:00+00:00"
 
@@ -125,7 +128,8 @@ async def test_opener_and_non_opener_get_the_right_emails_inside_the_window(
         )
     )[0]
     async with httpx.AsyncClient() as client:
-        pixel = await client.get(_pixel(first))
+        # A person's mail client (machine opens, e.g. privacy proxies, do not count).
+        pixel = await client.get(_pixel(first), headers={"User-Agent": BROWSER})
     assert pixel.status_code == 200 and pixel.headers["content-type"] == "image/gif"
 
     await d.eventually(lambda: _completed(d, 2), timeout=90, what="both enrollments complete")
