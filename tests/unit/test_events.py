@@ -402,6 +402,8 @@ STOP_AND_SUPPRESS: list[tuple[EngagementType, BounceType | None, bool, bool]] = 
     (EngagementType.BOUNCED, BounceType.POLICY, False, False),
     (EngagementType.UNSUBSCRIBED, None, True, True),
     (EngagementType.COMPLAINED, None, True, True),
+    # An out-of-office pauses; it neither stops nor suppresses.
+    (EngagementType.AUTO_REPLIED, None, False, False),
 ]
 
 
