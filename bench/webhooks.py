@@ -97,8 +97,8 @@ async def run(rate: float, seconds: float, batch: int) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="touchstream-bench-"))
     stack = Stack(root)
     try:
-        database_url = stack.start_postgres()
-        kafka = stack.start_kafka()
+        database_url = await asyncio.to_thread(stack.start_postgres)
+        kafka = await asyncio.to_thread(stack.start_kafka)
         await create_topics(kafka, 4)
         key, public = _keys()
         port = free_port()

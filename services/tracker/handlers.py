@@ -255,29 +255,51 @@ def _provider_events(event: WebhookReceived) -> list[webhooks.NormalizedEvent]:
     raise ValueError(f"unsupported webhook provider {event.provider!r}")
 
 
-async def apply_provider_event(
-    conn: asyncpg.Connection, normalized: webhooks.NormalizedEvent
+async def apply_provider_events(
+    conn: asyncpg.Connection, events: list[webhooks.NormalizedEvent]
 ) -> None:
-    engagement_type = _PROVIDER_TYPES.get(normalized.type)
-    if engagement_type is None:
-        return  # deferred, processed...: not engagement
-    target = await repo.message_for_event(
-        conn,
-        delivery_key=normalized.delivery_key,
-        message_id=normalized.message_id,
-        provider_message_id=normalized.provider_message_id,
-        email=normalized.email,
-    )
-    if target is None:
-        await repo.record_unattributed(
-            conn,
-            normalized.provider,
-            normalized.type,
-            normalized.email,
-            normalized.occurred_at,
-            {"provider_event_id": normalized.provider_event_id},
-        )
+    """Attribute a batch of provider events in bulk, then record each once."""
+    wanted = [e for e in events if e.type in _PROVIDER_TYPES]
+    if not wanted:
         return
+    by_key, by_id, by_provider, by_email = await repo.messages_for_events(
+        conn,
+        [e.delivery_key for e in wanted if e.delivery_key],
+        [e.message_id for e in wanted if e.message_id],
+        [e.provider_message_id for e in wanted if e.provider_message_id],
+        [e.email for e in wanted if e.email],
+    )
+    unattributed = []
+    for normalized in wanted:
+        target = (
+            (by_key.get(normalized.delivery_key) if normalized.delivery_key else None)
+            or (by_id.get(normalized.message_id) if normalized.message_id else None)
+            or (
+                by_provider.get(normalized.provider_message_id)
+                if normalized.provider_message_id
+                else None
+            )
+            or by_email.get(normalized.email.lower())
+        )
+        if target is None:
+            unattributed.append(
+                (
+                    normalized.provider,
+                    normalized.type,
+                    normalized.email,
+                    normalized.occurred_at,
+                    {"provider_event_id": normalized.provider_event_id},
+                )
+            )
+            continue
+        await _apply_provider_event(conn, normalized, target)
+    await repo.record_unattributed_many(conn, unattributed)
+
+
+async def _apply_provider_event(
+    conn: asyncpg.Connection, normalized: webhooks.NormalizedEvent, target: asyncpg.Record
+) -> None:
+    engagement_type = _PROVIDER_TYPES[normalized.type]
     is_machine = False
     reason: str | None = None
     if engagement_type is EngagementType.OPENED:
@@ -328,19 +350,20 @@ async def handle_webhook(
     conn: asyncpg.Connection, events: list[WebhookReceived], *, now: datetime
 ) -> list[Rejection]:
     rejections: list[Rejection] = []
+    provider_events: list[webhooks.NormalizedEvent] = []
     for event in events:
         try:
-            async with conn.transaction():  # a savepoint: a bad one leaves nothing
-                if event.provider.startswith("inbound"):
+            if event.provider.startswith("inbound"):
+                async with conn.transaction():  # a savepoint: a bad one leaves nothing
                     raw = event.raw_body()
                     if event.provider == "inbound-sendgrid":
                         raw = webhooks.inbound_from_sendgrid_parse(raw, event.content_type)
                     elif event.provider == "inbound-mailgun":
                         raw = webhooks.inbound_from_mailgun_route(raw, event.content_type)
                     await process_inbound(conn, raw, received_at=event.occurred_at)
-                else:
-                    for normalized in _provider_events(event):
-                        await apply_provider_event(conn, normalized)
+            else:
+                provider_events += _provider_events(event)  # pure: parse errors write nothing
         except (ValueError, KeyError, TypeError, webhooks.WebhookRejected) as exc:
             rejections.append(Rejection(event, f"unreadable {event.provider} webhook: {exc}"))
+    await apply_provider_events(conn, provider_events)
     return rejections

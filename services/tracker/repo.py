@@ -240,3 +240,55 @@ async def recent_clicks(conn: asyncpg.Connection, message_id: str, since: dateti
             since,
         )
     )
+
+
+async def messages_for_events(
+    conn: asyncpg.Connection,
+    delivery_keys: Sequence[str],
+    message_ids: Sequence[str],
+    provider_ids: Sequence[str],
+    emails: Sequence[str],
+) -> tuple[
+    dict[str, asyncpg.Record],
+    dict[str, asyncpg.Record],
+    dict[str, asyncpg.Record],
+    dict[str, asyncpg.Record],
+]:
+    """Bulk attribution for a batch of provider events: by delivery key, Message-ID,
+    provider id, and (latest message) by recipient address."""
+    by_key: dict[str, asyncpg.Record] = {}
+    by_id: dict[str, asyncpg.Record] = {}
+    by_provider: dict[str, asyncpg.Record] = {}
+    if delivery_keys or message_ids or provider_ids:
+        rows = await conn.fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE delivery_key = ANY($1::text[])"
+            " OR message_id = ANY($2::text[]) OR provider_message_id = ANY($3::text[])",
+            list(delivery_keys),
+            list(message_ids),
+            list(provider_ids),
+        )
+        for row in rows:
+            by_key[row["delivery_key"]] = row
+            by_id[row["message_id"]] = row
+            if row["provider_message_id"]:
+                by_provider[row["provider_message_id"]] = row
+    by_email: dict[str, asyncpg.Record] = {}
+    if emails:
+        rows = await conn.fetch(
+            f"SELECT DISTINCT ON (to_email) {MESSAGE_COLUMNS} FROM messages"
+            " WHERE to_email = ANY($1::text[]) AND NOT dry_run ORDER BY to_email, sent_at DESC",
+            [e.lower() for e in emails],
+        )
+        by_email = {r["to_email"]: r for r in rows}
+    return by_key, by_id, by_provider, by_email
+
+
+async def record_unattributed_many(
+    conn: asyncpg.Connection, rows: Sequence[tuple[str, str, str | None, datetime, dict[str, Any]]]
+) -> None:
+    if rows:
+        await conn.executemany(
+            "INSERT INTO unattributed (provider, kind, email, received_at, detail)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            rows,
+        )
