@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from email import message_from_bytes, message_from_string
+from email.errors import MessageError
 from email.generator import Generator
 from email.header import decode_header, make_header
 from email.message import Message
@@ -64,6 +65,17 @@ class AutoReply:
 # --------------------------------------------------------------------------- MIME helpers
 
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
+#: What the standard library raises on malformed mail (bad charsets, broken encodings...).
+_UNREADABLE = (
+    ValueError,
+    LookupError,
+    TypeError,
+    UnicodeError,
+    AttributeError,
+    IndexError,
+    AssertionError,
+    MessageError,
+)
 _CHARSET_ALIASES = {"unicode-1-1-utf-7": "utf-7", "x-unknown": "utf-8", "unknown-8bit": "utf-8"}
 
 
@@ -72,7 +84,7 @@ def _parse(raw: bytes) -> Message | None:
         return None
     try:
         message = message_from_bytes(raw)
-    except (ValueError, LookupError, TypeError, IndexError):  # pragma: no cover - defensive
+    except _UNREADABLE:  # pragma: no cover - defensive
         return None
     return message if message.keys() else None
 
@@ -88,7 +100,7 @@ def _header(message: Message, name: str) -> str:
     if value is None:
         return ""
     text = str(value)
-    with contextlib.suppress(ValueError, LookupError, TypeError, UnicodeError, AssertionError):
+    with contextlib.suppress(*_UNREADABLE):
         text = str(make_header(decode_header(text)))
     return re.sub(r"\r?\n(?=[ \t])", "", _fix(text)).strip()
 
@@ -149,23 +161,45 @@ def _is_attachment(part: Message) -> bool:
 
 
 _QUOTE_HTML = re.compile(
-    r"""<div[^>]*class=["']?(?:gmail_quote|yahoo_quoted|moz-cite-prefix)"""
-    r"""|<div[^>]*id=["']?(?:x_)?(?:divRplyFwdMsg|appendonsend)"""
+    r"""<div[^<>]*class=["']?(?:gmail_quote|yahoo_quoted|moz-cite-prefix)"""
+    r"""|<div[^<>]*id=["']?(?:x_)?(?:divRplyFwdMsg|appendonsend)"""
     r"""|<blockquote""",
     re.IGNORECASE,
 )
+_HIDDEN_OPEN = re.compile(r"<(head|style|script|title)\b[^<>]*>|<!--", re.IGNORECASE)
+
+
+def _drop_hidden(markup: str) -> str:
+    """Remove <head>, <style>, <script>, <title> elements and comments, in linear time
+    (an unclosed one runs to the end)."""
+    lower = markup.lower()
+    kept: list[str] = []
+    position = 0
+    while True:
+        opening = _HIDDEN_OPEN.search(markup, position)
+        if opening is None:
+            kept.append(markup[position:])
+            break
+        kept.append(markup[position : opening.start()])
+        closing = "-->" if opening.group(0) == "<!--" else f"</{opening.group(1).lower()}"
+        end = lower.find(closing, opening.end())
+        if end < 0:
+            break
+        position = lower.find(">", end) + 1 if closing != "-->" else end + 3
+        if position <= 0:
+            break
+    return "".join(kept)
 
 
 def _html_to_text(markup: str) -> str:
     quote = _QUOTE_HTML.search(markup)
     if quote:
         markup = markup[: quote.start()]
-    text = re.sub(r"(?is)<(head|style|script|title)\b.*?</\1\s*>", "", markup)
-    text = re.sub(r"(?is)<!--.*?-->", "", text)
+    text = _drop_hidden(markup)
     text = re.sub(r"(?i)<br\s*/?>", "\n", text)
     text = re.sub(r"(?i)</(p|div|h[1-6]|li|tr|table|blockquote|pre)\s*>", "\n\n", text)
-    text = re.sub(r"(?i)<hr\b[^>]*>", "\n\n", text)
-    text = re.sub(r"<[^>]*>", "", text)
+    text = re.sub(r"(?i)<hr\b[^<>]*>", "\n\n", text)
+    text = re.sub(r"<[^<>]*>", "", text)
     text = html.unescape(text).replace("\xa0", " ")
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" *\n *", "\n", text)
@@ -237,7 +271,7 @@ _TEXT_POLICY = re.compile(
     r"|not (?:authori[sz]ed|permitted|allowed)|unauthori[sz]ed|unauthenticated"
     r"|virus|malware|phish|banned|prohibit|unsolicited|bulk mail"
     r"|content rejected|message content|rejected (?:for|due to|because)"
-    r"|relay(?:ing)? (?:access )?denied",
+    r"|relay(?:ing)? (?:access )?denied|sender (?:address )?(?:denied|rejected|blocked)",
     re.IGNORECASE,
 )
 _TEXT_SOFT = re.compile(
@@ -385,7 +419,7 @@ def _host(value: str | None) -> str | None:
         return None
     _, semicolon, rest = value.partition(";")
     host = (rest if semicolon else value).strip()
-    host = re.split(r"[\s(\[]", host, maxsplit=1)[0].rstrip(".").lower()
+    host = re.split(r"[\s(]", host, maxsplit=1)[0].strip("[]").rstrip(".").lower()
     return host or None
 
 
@@ -527,6 +561,7 @@ _BOUNCE_BODY = re.compile(
     r"|(?:message|mail) (?:could not|cannot|can't) be delivered"
     r"|following address(?:es)? had permanent fatal errors|has not yet been delivered"
     r"|the email account that you tried to reach|failed permanently"
+    r"|your message did not reach some or all of the intended recipients"
     r"|unable to deliver (?:your )?mess",
     re.IGNORECASE,
 )
@@ -568,6 +603,11 @@ _RECIPIENT_PATTERNS = (
         rf"your message to\s+<?({_ADDRESS})>?\s+(?:couldn't|could not|wasn't|was not)",
         re.IGNORECASE,
     ),
+    re.compile(
+        rf"following recipient\(s\) (?:cannot|could not) be reached:\s*^[ \t]*<?({_ADDRESS})>?"
+        rf"(?=[\s)]|$)",
+        re.IGNORECASE | re.MULTILINE,
+    ),  # Exchange 2000 / 2003
     re.compile(rf"<({_ADDRESS})>\.\.\. ", re.IGNORECASE),  # Sendmail transcript
 )
 _DIAGNOSTIC_PATTERNS = (
@@ -587,6 +627,7 @@ _REMOTE_PATTERNS = (
     re.compile(r"\bremote host\s+([\w.:-]+?)\s+said", re.IGNORECASE),
     re.compile(r"\bhost\s+([A-Za-z0-9][\w-]*(?:\.[\w-]+)+?)\.?\s*\[", re.IGNORECASE),
     re.compile(r"while talking to\s+([\w-]+(?:\.[\w-]+)+?)\.?:", re.IGNORECASE),
+    re.compile(r"<([\w-]+(?:\.[\w-]+)+) #[45]\.\d", re.IGNORECASE),  # Exchange 2003
 )
 
 
@@ -736,7 +777,7 @@ def parse_bounce(raw: bytes) -> Bounce | None:
         return None
     try:
         return _bounce(message)
-    except (ValueError, LookupError, TypeError, UnicodeError, AttributeError, IndexError):
+    except _UNREADABLE:
         return None  # a malformed message is not a bounce we can act on
 
 
@@ -758,7 +799,8 @@ _OOO_BODY = re.compile(
     r"out of (?:the )?office|away from (?:the|my) (?:office|desk)|currently away|i am away"
     r"|i'm away|on (?:annual |parental |maternity |paternity |sick |business )?leave"
     r"|on (?:vacation|holiday|holidays|a business trip)|annual leave|limited access to"
-    r"|\bbe back\b|will return|returning on|\bback on\b|\bback in the office"
+    r"|\bbe back\b|will return|returning on|\bback in the office|when i(?:'m| am) back"
+    r"|(?:upon|on) my return|when i return"
     r"|abwesend|nicht im buro|ausser haus|im urlaub|abwesenheit|wieder erreichbar"
     r"|wieder im buro|elternzeit|dienstreise"
     r"|absente? du bureau|en conges?\b|en vacances|\babsente?\b|de retour"
@@ -814,12 +856,12 @@ def _auto_reply(message: Message, received_at: datetime) -> AutoReply | None:
         return None
     language = _header(message, "Content-Language") or None
     returning = parse_return_date(text, received_at=received_at, language=language)
-    if returning is not None or ooo_body:
+    if ooo_body:
         return AutoReply("out_of_office", returning)
     if _ACKNOWLEDGEMENT.search(folded) or _ACKNOWLEDGEMENT.search(subject_head):
-        return AutoReply("auto_reply", None)
-    if ooo_subject:
-        return AutoReply("out_of_office", None)
+        return AutoReply("auto_reply", None)  # "we will get back to you by ...": not a return
+    if returning is not None or ooo_subject:
+        return AutoReply("out_of_office", returning)
     return AutoReply("auto_reply", None)
 
 
@@ -833,17 +875,17 @@ def classify_auto_reply(raw: bytes, *, received_at: datetime) -> AutoReply | Non
     ask others not to answer / count rule hops, forwarded mail carries them too). Bounces are
     not automatic replies here (see :func:`parse_bounce`).
 
-    Kind: out_of_office when the text has absence wording or a return date; otherwise
-    auto_reply for acknowledgements ("we have received your request", ticket numbers);
-    otherwise out_of_office for an out-of-office / "Automatic reply" subject, auto_reply
-    for the rest.
+    Kind: out_of_office when the text has absence wording; otherwise auto_reply for
+    acknowledgements ("we have received your request", ticket numbers); otherwise
+    out_of_office when a return date is stated or the subject is an out-of-office /
+    "Automatic reply" one; auto_reply for the rest.
     """
     message = _parse(raw)
     if message is None:
         return None
     try:
         return _auto_reply(message, received_at)
-    except (ValueError, LookupError, TypeError, UnicodeError, AttributeError, IndexError):
+    except _UNREADABLE:
         return None
 
 
@@ -1114,7 +1156,7 @@ def reply_text(raw: bytes) -> str:
         return ""
     try:
         return _reply_text_of(message)
-    except (ValueError, LookupError, TypeError, UnicodeError, AttributeError, IndexError):
+    except _UNREADABLE:
         return ""
 
 
@@ -1149,6 +1191,7 @@ _UNSUBSCRIBE: tuple[tuple[re.Pattern[str], bool], ...] = tuple(
         (r"\bnot\s+interested\b[^.!?\n]{0,40}\b(?:remove|delete|list)\b", False),
         (r"\b(?:delete|erase)\s+(?:me|my\s+(?:e-?mail|address|data|details))\b", True),
         (r"\bleave\s+me\s+alone\b", False),
+        (r"\A\W*(?:stop|remove|remove me|unsubscribe|no more)\W*\Z", False),
         # German
         (r"\babmeld\w*|\babzumelden\b|\bmelden\s+sie\s+mich\b[^.!?\n]{0,40}\bab\b", True),
         (r"\babbestell\w*|\babzubestellen\b", True),
