@@ -14,9 +14,12 @@ from email.policy import SMTP
 
 from services.sender.mime import OutgoingEmail, TrackingConfig, build_message
 
-CONFIG = TrackingConfig(base_url="https://t.example.com", secret=b"bench-secret",
-                        unsubscribe_mailto="unsubscribe@example.com",
-                        physical_address="1 Main Street, Springfield")
+CONFIG = TrackingConfig(
+    base_url="https://t.example.com",
+    secret=b"bench-secret",
+    unsubscribe_mailto="unsubscribe@example.com",
+    physical_address="1 Main Street, Springfield",
+)
 HTML = (
     "<p>Hi Ada,</p><p>I noticed Acme is hiring. Here is "
     '<a href="https://example.com/guide">a guide</a> and '
@@ -26,10 +29,16 @@ HTML = (
 
 def email(n: int) -> OutgoingEmail:
     return OutgoingEmail(
-        delivery_key=f"enrollment-{n}:1", from_email="sam@acme.example", from_name="Sam Sender",
-        to_email=f"ada{n}@example.org", to_name="Ada Lovelace",
-        subject="Quick conversation about Acme?", text="", html=HTML,
-        thread_delivery_key=f"enrollment-{n}:0", tracking=True,
+        delivery_key=f"enrollment-{n}:1",
+        from_email="sam@acme.example",
+        from_name="Sam Sender",
+        to_email=f"ada{n}@example.org",
+        to_name="Ada Lovelace",
+        subject="Quick conversation about Acme?",
+        text="",
+        html=HTML,
+        thread_delivery_key=f"enrollment-{n}:0",
+        tracking=True,
     )
 
 

@@ -37,17 +37,26 @@ def _keys() -> tuple[ec.EllipticCurvePrivateKey, str]:
 
 def _batch(size: int) -> bytes:
     now = int(time.time())
-    return json.dumps([
-        {"email": f"lead{uuid.uuid4().hex[:8]}@example.com", "timestamp": now,
-         "event": "open", "sg_event_id": uuid.uuid4().hex, "sg_message_id": uuid.uuid4().hex,
-         "useragent": "Mozilla/5.0 (Windows NT 10.0)", "ip": "203.0.113.9",
-         "delivery_key": f"{uuid.uuid4()}:0"}
-        for _ in range(size)
-    ]).encode()
+    return json.dumps(
+        [
+            {
+                "email": f"lead{uuid.uuid4().hex[:8]}@example.com",
+                "timestamp": now,
+                "event": "open",
+                "sg_event_id": uuid.uuid4().hex,
+                "sg_message_id": uuid.uuid4().hex,
+                "useragent": "Mozilla/5.0 (Windows NT 10.0)",
+                "ip": "203.0.113.9",
+                "delivery_key": f"{uuid.uuid4()}:0",
+            }
+            for _ in range(size)
+        ]
+    ).encode()
 
 
-async def _drive(url: str, key: ec.EllipticCurvePrivateKey | None, rate: float, seconds: float,
-                 batch: int) -> tuple[list[float], int, float]:
+async def _drive(
+    url: str, key: ec.EllipticCurvePrivateKey | None, rate: float, seconds: float, batch: int
+) -> tuple[list[float], int, float]:
     """Post at ``rate`` events/s for ``seconds``; latencies (s), failures, elapsed."""
     requests_per_second = rate / batch
     total = int(requests_per_second * seconds)
@@ -63,12 +72,14 @@ async def _drive(url: str, key: ec.EllipticCurvePrivateKey | None, rate: float, 
                 ts = str(int(time.time()))
                 signature = key.sign(ts.encode() + body, ec.ECDSA(hashes.SHA256()))
                 headers["X-Twilio-Email-Event-Webhook-Signature"] = base64.b64encode(
-                    signature).decode()
+                    signature
+                ).decode()
                 headers["X-Twilio-Email-Event-Webhook-Timestamp"] = ts
             started = time.perf_counter()
             try:
-                response = await (client.post(url, content=body, headers=headers) if key
-                                  else client.get(url))
+                response = await (
+                    client.post(url, content=body, headers=headers) if key else client.get(url)
+                )
                 if response.status_code >= 300:
                     failures += 1
             except httpx.HTTPError:
@@ -102,12 +113,20 @@ async def run(rate: float, seconds: float, batch: int) -> dict[str, float]:
         await create_topics(kafka, 4)
         key, public = _keys()
         port = free_port()
-        env = base_env(database_url=database_url, kafka=kafka, smtp_host="127.0.0.1",
-                       smtp_port=free_port(), clock_speed=1,
-                       http_ports={"router": free_port(), "nurture": free_port(),
-                                   "sender": free_port(), "tracker": port},
-                       extra={"TRACKER_SENDGRID_PUBLIC_KEY": public,
-                              "TOUCHSTREAM_LOG_LEVEL": "WARNING"})
+        env = base_env(
+            database_url=database_url,
+            kafka=kafka,
+            smtp_host="127.0.0.1",
+            smtp_port=free_port(),
+            clock_speed=1,
+            http_ports={
+                "router": free_port(),
+                "nurture": free_port(),
+                "sender": free_port(),
+                "tracker": port,
+            },
+            extra={"TRACKER_SENDGRID_PUBLIC_KEY": public, "TOUCHSTREAM_LOG_LEVEL": "WARNING"},
+        )
         stack.start_service("tracker", env, wait=False)
         await asyncio.to_thread(wait_for_port, "127.0.0.1", port, 60, None, "tracker", None)
         base = f"http://127.0.0.1:{port}"
@@ -144,15 +163,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10, help="events per request")
     args = parser.parse_args()
     r = asyncio.run(run(args.rate, args.seconds, args.batch))
-    print(f"webhook ingest (SendGrid, ECDSA-verified, {args.batch} events/request,"
-          f" target {args.rate:.0f} events/s for {args.seconds:.0f} s):")
-    print(f"  sustained       : {r['events_per_second']:8.0f} events/s"
-          f" ({r['requests_per_second']:.0f} requests/s), failures {r['failures']:.0f}")
-    print(f"  latency         : p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms,"
-          f" max {r['max_ms']:.1f} ms")
+    print(
+        f"webhook ingest (SendGrid, ECDSA-verified, {args.batch} events/request,"
+        f" target {args.rate:.0f} events/s for {args.seconds:.0f} s):"
+    )
+    print(
+        f"  sustained       : {r['events_per_second']:8.0f} events/s"
+        f" ({r['requests_per_second']:.0f} requests/s), failures {r['failures']:.0f}"
+    )
+    print(
+        f"  latency         : p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms,"
+        f" max {r['max_ms']:.1f} ms"
+    )
     print(f"  baseline /healthz at the same request rate: p99 {r['floor_p99_ms']:.1f} ms")
-    print(f"  ratio           : p99 {r['p99_ms'] / max(r['floor_p99_ms'], 0.001):.1f}x the"
-          " HTTP floor; target p99 < 50 ms")
+    print(
+        f"  ratio           : p99 {r['p99_ms'] / max(r['floor_p99_ms'], 0.001):.1f}x the"
+        " HTTP floor; target p99 < 50 ms"
+    )
 
 
 if __name__ == "__main__":

@@ -63,9 +63,12 @@ def hard_bounce(message: Message) -> bytes:
 async def _post_inbound(d: Deployment, raw: bytes) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.post(
-            d.url("tracker", "/webhooks/inbound"), content=raw,
-            headers={"Content-Type": "message/rfc822",
-                     "Authorization": f"Bearer {d.env['TRACKER_INBOUND_TOKEN']}"},
+            d.url("tracker", "/webhooks/inbound"),
+            content=raw,
+            headers={
+                "Content-Type": "message/rfc822",
+                "Authorization": f"Bearer {d.env['TRACKER_INBOUND_TOKEN']}",
+            },
         )
     assert response.status_code == 202, response.text
 
@@ -99,8 +102,11 @@ async def test_out_of_office_pauses_a_bounce_stops_and_analytics_count(
     assert (await d.enrollments("nobody@acme.example"))[0]["stop_reason"] == "bounced"
 
     # Email 2 comes after the return date, not on day 2; the rest follows.
-    await d.eventually(lambda: len(d.mail_to("away@acme.example")) == 3, timeout=60,
-                       what="the rest of the sequence after the pause")
+    await d.eventually(
+        lambda: len(d.mail_to("away@acme.example")) == 3,
+        timeout=60,
+        what="the rest of the sequence after the pause",
+    )
     away = d.mail_to("away@acme.example")
     assert _date(away[1]).date() > back
     assert len(d.mail_to("nobody@acme.example")) == 1

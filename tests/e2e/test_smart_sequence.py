@@ -20,9 +20,7 @@ from tests.e2e.harness import Deployment
 pytestmark = pytest.mark.e2e
 
 LONDON = ZoneInfo("Europe/London")
-BROWSER = (
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
-)
+BROWSER = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
 #: Product time starts on Monday 23 November 2026, 07:00 in London (before opening).
 START = "2026-11-23T07:00:00+00:00"
 
