@@ -325,6 +325,13 @@ def _sendgrid_custom_arg(item: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
+def _sendgrid_message_id(value: Any) -> str | None:
+    """The X-Message-Id the send API returned: an event's ``sg_message_id`` is that id
+    with a ".filter…" suffix added by SendGrid's pipeline."""
+    text = _opt_str(value)
+    return text.split(".filter", 1)[0] if text else None
+
+
 def parse_sendgrid(body: bytes) -> list[NormalizedEvent]:
     """A SendGrid Event Webhook POST: a JSON array of events."""
     data = _load_json(body)
@@ -353,7 +360,7 @@ def parse_sendgrid(body: bytes) -> list[NormalizedEvent]:
                 occurred_at=_unix_time(item.get("timestamp")),
                 delivery_key=_sendgrid_custom_arg(item, "delivery_key"),
                 message_id=_angle(item.get("smtp-id")),
-                provider_message_id=_opt_str(item.get("sg_message_id")),
+                provider_message_id=_sendgrid_message_id(item.get("sg_message_id")),
                 bounce_type=bounce_type,
                 url=_opt_str(item.get("url")) if mapped == "clicked" else None,
                 user_agent=_opt_str(item.get("useragent")),
