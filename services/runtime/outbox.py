@@ -60,6 +60,7 @@ class OutboxRelay:
         batch_size: int = 1000,
         idle_seconds: float = 0.5,
         retention_seconds: float = 3600.0,
+        linger_seconds: float = 0.005,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -68,6 +69,7 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.idle_seconds = idle_seconds
         self.retention_seconds = retention_seconds
+        self.linger_seconds = linger_seconds
         self.is_leader = False
         self.published = 0
         self._wake = asyncio.Event()
@@ -107,6 +109,9 @@ class OutboxRelay:
             loop = asyncio.get_running_loop()
             while not stop.is_set():
                 self._wake.clear()
+                if self.linger_seconds:
+                    # Let a burst of commits gather: one round for many rows.
+                    await asyncio.sleep(self.linger_seconds)
                 published = await self.publish_batch()
                 if loop.time() - last_cleanup > 60:
                     await self._cleanup()

@@ -358,16 +358,7 @@ class SenderService(Service[SenderSettings]):
                 log.info("%s: %s failed transiently: %s", key, transport.name, exc)
                 failures.append(exc)
                 continue
-            await self._record(
-                handlers.record_sent,
-                key,
-                sent_at=self.clock.now(),
-                code=accepted.code,
-                response=accepted.response,
-                links=built.links,
-                transport=transport.name,
-                provider_message_id=accepted.provider_message_id,
-            )
+            await self._record_sent(row, built, transport.name, accepted)
             return
         reason = "; ".join(f"{t.name}: {e}" for t, e in zip(transports, failures, strict=False))
         retry_after = max((getattr(e, "retry_after", None) or 0.0 for e in failures), default=0.0)
@@ -377,6 +368,47 @@ class SenderService(Service[SenderSettings]):
             failures[-1].code if failures else None,
             retry_after or None,
         )
+
+    async def _record_sent(
+        self, row: asyncpg.Record, built: BuiltMessage, transport: str, accepted: Any
+    ) -> None:
+        """Record the hand-off and its EmailSent in one statement."""
+        sent_at = self.clock.now()
+        event = handlers.email_sent_event(
+            {
+                **dict(row),
+                "message_id": built.message_id,
+                "from_email": built.from_email,
+                "sent_at": sent_at,
+                "links": built.links,
+                "transport": transport,
+                "provider_message_id": accepted.provider_message_id,
+                "dry_run": False,
+            }
+        )
+        outbox_row = (
+            topics.EMAIL_SENT,
+            event.kafka_key(),
+            event.to_bytes(),
+            event.event_id,
+            event.event_type,
+        )
+
+        async def write(conn: asyncpg.Connection) -> None:
+            await repo.record_sent_with_event(
+                conn,
+                row["delivery_key"],
+                smtp_code=accepted.code,
+                smtp_response=accepted.response[:500],
+                sent_at=sent_at,
+                links=built.links,
+                transport=transport,
+                provider_message_id=accepted.provider_message_id,
+                outbox_row=outbox_row,
+            )
+
+        await self._in_transaction(write)
+        self.wake_relay()
 
     async def _defer(
         self, row: asyncpg.Record, reason: str, code: int | None, retry_after: float | None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -20,7 +22,9 @@ from services.runtime.outbox import enqueue, enqueue_many
 from services.sender import repo
 
 
-def email_sent_event(row: asyncpg.Record, *, uncertain: bool = False) -> EmailSent:
+def email_sent_event(
+    row: asyncpg.Record | Mapping[str, Any], *, uncertain: bool = False
+) -> EmailSent:
     return EmailSent(
         tenant_id=row["tenant_id"],
         lead_id=row["lead_id"],

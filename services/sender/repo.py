@@ -510,3 +510,36 @@ async def retry_soft_bounce(
         until,
         limit,
     )
+
+
+async def record_sent_with_event(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    key: str,
+    *,
+    smtp_code: int,
+    smtp_response: str,
+    sent_at: datetime,
+    links: list[str],
+    transport: str | None,
+    provider_message_id: str | None,
+    outbox_row: tuple[str, bytes, bytes, Any, str],
+) -> bool:
+    """The hand-off's outcome and its EmailSent in one statement (one round trip,
+    atomic): the hot path of every delivery."""
+    written = await conn.fetchval(
+        "WITH d AS (UPDATE deliveries SET status = 'sent', status_reason = NULL,"
+        " smtp_code = $2, smtp_response = $3, sent_at = $4, links = $5::jsonb,"
+        " transport = $6, provider_message_id = $7, lease_until = NULL,"
+        " updated_at = clock_timestamp() WHERE delivery_key = $1 RETURNING 1)"
+        " INSERT INTO outbox (topic, kafka_key, payload, event_id, event_type)"
+        " SELECT $8, $9, $10, $11, $12 FROM d RETURNING true",
+        key,
+        smtp_code,
+        smtp_response,
+        sent_at,
+        links,
+        transport,
+        provider_message_id,
+        *outbox_row,
+    )
+    return bool(written)
