@@ -179,3 +179,78 @@ async def test_a_lead_keeps_its_mailbox_for_the_whole_sequence(
     assert all(len(froms) == 1 for froms in senders.values()), senders
     # And the leads are spread over the mailboxes.
     assert len({next(iter(f)) for f in senders.values()}) == 3
+
+
+async def test_soft_bounces_are_retried_a_bounded_number_of_times(
+    database_url: str, kafka_bootstrap: str, smtp: ScriptedSmtp
+) -> None:
+    from schemas.events import BounceType, EngagementReceived, EngagementType
+
+    await create_topics(kafka_bootstrap, 2)
+    service = SenderService(
+        SenderSettings(
+            database_url=database_url,
+            kafka_bootstrap_servers=kafka_bootstrap,
+            kafka_session_timeout_ms=3000,
+            http_port=free_port(),
+            http_host="127.0.0.1",
+            tracking_secret="test-secret",
+            smtp_host=smtp.host,
+            smtp_port=smtp.port,
+            soft_bounce_retries=2,
+            soft_bounce_retry_seconds=0.2,
+        )
+    )
+    await service.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        enrollment = uuid.uuid4()
+        due = StepDue(
+            lead_id=uuid.uuid4(),
+            enrollment_id=enrollment,
+            sequence_id=uuid.uuid4(),
+            sequence_key="s",
+            sequence_version=1,
+            step_id=uuid.uuid4(),
+            step_index=0,
+            delivery_key=f"{enrollment}:0",
+            due_at=datetime.now(UTC),
+            message=RenderedMessage(to_email="full@example.org", subject="Hi", text="Hello"),
+        )
+        await producer.send_and_wait(topics.STEP_DUE, due.to_bytes(), key=due.kafka_key())
+
+        async def sends(count: int) -> None:
+            deadline = time.monotonic() + 20
+            while len(smtp.received) < count:
+                assert time.monotonic() < deadline, f"expected {count} sends"
+                await asyncio.sleep(0.05)
+
+        await sends(1)
+        for n in range(3):  # the mailbox is full, each time
+            bounce = EngagementReceived(
+                engagement_type=EngagementType.BOUNCED,
+                bounce_type=BounceType.SOFT,
+                lead_id=due.lead_id,
+                enrollment_id=enrollment,
+                delivery_key=due.delivery_key,
+                email="full@example.org",
+                source="inbound",
+            )
+            await producer.send_and_wait(
+                topics.ENGAGEMENT, bounce.to_bytes(), key=bounce.kafka_key()
+            )
+            if n < 2:
+                await sends(n + 2)
+        deadline = time.monotonic() + 20
+        while await service.pool.fetchval("SELECT status FROM deliveries") != "failed":
+            assert time.monotonic() < deadline, "the third soft bounce should end it"
+            await asyncio.sleep(0.05)
+        row = await service.pool.fetchrow("SELECT soft_bounces, status_reason FROM deliveries")
+        assert row["soft_bounces"] == 3 and "gave up after 2 retries" in row["status_reason"]
+        assert len(smtp.received) == 3
+        # A soft bounce never suppresses the address.
+        assert await service.pool.fetchval("SELECT count(*) FROM suppressions") == 0
+    finally:
+        await producer.stop()
+        await service.stop()
