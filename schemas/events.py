@@ -201,6 +201,9 @@ class EmailSent(Event):
     uncertain: bool = False
     #: A dry run: built and recorded, never handed to a server.
     dry_run: bool = False
+    #: The transport that accepted it, and the provider's own id for the message.
+    transport: str | None = None
+    provider_message_id: str | None = None
 
 
 class FailureKind(StrEnum):
@@ -237,6 +240,8 @@ class EngagementType(StrEnum):
     BOUNCED = "bounced"
     UNSUBSCRIBED = "unsubscribed"
     COMPLAINED = "complained"
+    #: An automatic answer (out of office, ticket acknowledgement): not a reply.
+    AUTO_REPLIED = "auto_replied"
 
 
 class BounceType(StrEnum):
