@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -83,33 +84,35 @@ async def load_context(
 ) -> Context:
     steps = {v: await cache.get(conn, v) for v in {r["sequence_version_id"] for r in rows}}
     settings = await repo.sequence_settings(conn, [r["sequence_id"] for r in rows])
+    contexts: dict[tuple[uuid.UUID, int], SequenceContext] = {}
     sequences: dict[uuid.UUID, SequenceContext] = {}
     for row in rows:
-        parsed = parse_settings(settings.get(row["sequence_id"]) or {})
-        sequences[row["id"]] = SequenceContext(
-            row["sequence_key"], row["version"], parsed.window(), parsed.tracking
-        )
+        key = (row["sequence_id"], row["version"])
+        if key not in contexts:
+            parsed = parse_settings(settings.get(row["sequence_id"]) or {})
+            contexts[key] = SequenceContext(
+                row["sequence_key"], row["version"], parsed.window(), parsed.tracking
+            )
+        sequences[row["id"]] = contexts[key]
     sent, engaged = await repo.facts_for(conn, [r["id"] for r in rows])
     key_of = {s.id: s.key for version in steps.values() for s in version}
-    facts: dict[uuid.UUID, Facts] = {}
-    for row in rows:
-        facts[row["id"]] = Facts(
-            sent=tuple(
-                SentEmail(key_of.get(s["step_id"], ""), s["sent_at"])
-                for s in sent
-                if s["enrollment_id"] == row["id"]
-            ),
-            engagements=tuple(
-                EngagementFact(
-                    e["type"],
-                    key_of.get(e["step_id"]) if e["step_id"] else None,
-                    e["occurred_at"],
-                    e["machine"],
-                )
-                for e in engaged
-                if e["enrollment_id"] == row["id"]
-            ),
+    sent_by: dict[uuid.UUID, list[SentEmail]] = defaultdict(list)
+    for s in sent:
+        sent_by[s["enrollment_id"]].append(SentEmail(key_of.get(s["step_id"], ""), s["sent_at"]))
+    engaged_by: dict[uuid.UUID, list[EngagementFact]] = defaultdict(list)
+    for e in engaged:
+        engaged_by[e["enrollment_id"]].append(
+            EngagementFact(
+                e["type"],
+                key_of.get(e["step_id"]) if e["step_id"] else None,
+                e["occurred_at"],
+                e["machine"],
+            )
         )
+    facts = {
+        row["id"]: Facts(tuple(sent_by.get(row["id"], ())), tuple(engaged_by.get(row["id"], ())))
+        for row in rows
+    }
     return Context(steps, sequences, facts)
 
 
@@ -296,12 +299,10 @@ async def enroll(
 async def handle_lead_routed(
     conn: asyncpg.Connection, events: list[LeadRouted], *, now: datetime
 ) -> list[Rejection]:
+    snapshots = {e.event_id: e.lead.model_dump(mode="json") for e in events}
     await repo.upsert_leads(
         conn,
-        [
-            (e.tenant_id, e.lead_id, e.lead.email, e.lead.model_dump(mode="json"), now)
-            for e in events
-        ],
+        [(e.tenant_id, e.lead_id, e.lead.email, snapshots[e.event_id], now) for e in events],
     )
     rejections: list[Rejection] = []
     sequences: dict[tuple[str, str], asyncpg.Record | None] = {}
@@ -323,9 +324,7 @@ async def handle_lead_routed(
                 Rejection(event, f"sequence {event.sequence!r} is {sequence['status']}")
             )
             continue
-        batches.setdefault(cache_key, []).append(
-            (event.lead_id, event.lead.model_dump(mode="json"))
-        )
+        batches.setdefault(cache_key, []).append((event.lead_id, snapshots[event.event_id]))
     for (tenant_id, _key), leads in batches.items():
         sequence = sequences[(tenant_id, _key)]
         assert sequence is not None

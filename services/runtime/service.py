@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import uuid
@@ -180,6 +181,10 @@ class Service(Generic[S]):
                 if self._server.started:
                     break
                 await asyncio.sleep(0.05)
+        # What start-up allocated lives as long as the process: keep it out of the
+        # collector's full passes, which otherwise pause the event loop for ~25 ms.
+        gc.collect()
+        gc.freeze()
         log.info("%s started (instance %s, http port %s)", self.name, self.instance_id, port)
 
     def _after_commit(self) -> None:
