@@ -178,6 +178,10 @@ async def _claims(pool: asyncpg.Pool, t0: datetime, count: int) -> dict[str, lis
         " ORDER BY next_action_at LIMIT $2 FOR UPDATE SKIP LOCKED"
     )
     server: list[float] = []
+    # As every service does once started (Service.start): long-lived objects leave
+    # the collector's full passes.
+    gc.collect()
+    gc.freeze()
     gc.callbacks.append(on_gc)
     try:
         async with pool.acquire() as conn:
