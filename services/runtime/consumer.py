@@ -62,6 +62,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A connection left mid-protocol by a server that went away.
+    asyncpg.InternalClientError,
     KafkaError,
 )
 

@@ -279,8 +279,6 @@ class Stack:
             "-c",
             "fsync=off",
             "-c",
-            "synchronous_commit=off",
-            "-c",
             "full_page_writes=off",
             "-c",
             "max_connections=300",

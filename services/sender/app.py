@@ -404,6 +404,9 @@ class SenderService(Service[SenderSettings]):
                 links=built.links,
                 transport=transport,
                 provider_message_id=accepted.provider_message_id,
+                message_id=built.message_id,
+                from_email=built.from_email,
+                from_name=built.from_name,
                 outbox_row=outbox_row,
             )
 

@@ -522,17 +522,22 @@ async def record_sent_with_event(
     links: list[str],
     transport: str | None,
     provider_message_id: str | None,
+    message_id: str,
+    from_email: str,
+    from_name: str | None,
     outbox_row: tuple[str, bytes, bytes, Any, str],
 ) -> bool:
     """The hand-off's outcome and its EmailSent in one statement (one round trip,
-    atomic): the hot path of every delivery."""
+    atomic): the hot path of every delivery. It carries everything the `sending` mark
+    wrote, so the outcome stands on its own."""
     written = await conn.fetchval(
         "WITH d AS (UPDATE deliveries SET status = 'sent', status_reason = NULL,"
         " smtp_code = $2, smtp_response = $3, sent_at = $4, links = $5::jsonb,"
-        " transport = $6, provider_message_id = $7, lease_until = NULL,"
+        " transport = $6, provider_message_id = $7, message_id = $8, from_email = $9,"
+        " from_name = $10, lease_until = NULL,"
         " updated_at = clock_timestamp() WHERE delivery_key = $1 RETURNING 1)"
         " INSERT INTO outbox (topic, kafka_key, payload, event_id, event_type)"
-        " SELECT $8, $9, $10, $11, $12 FROM d RETURNING true",
+        " SELECT $11, $12, $13, $14, $15 FROM d RETURNING true",
         key,
         smtp_code,
         smtp_response,
@@ -540,6 +545,9 @@ async def record_sent_with_event(
         links,
         transport,
         provider_message_id,
+        message_id,
+        from_email,
+        from_name,
         *outbox_row,
     )
     return bool(written)
