@@ -206,6 +206,14 @@ class EmailSent(Event):
     provider_message_id: str | None = None
 
 
+class BounceType(StrEnum):
+    """How a rejection or bounce is classified: only ``hard`` means the address is bad."""
+
+    HARD = "hard"
+    SOFT = "soft"
+    POLICY = "policy"
+
+
 class FailureKind(StrEnum):
     PERMANENT = "permanent"  # the server rejected it for good (5xx)
     INVALID = "invalid"  # the message could not be built (bad address, header injection)
@@ -227,6 +235,10 @@ class EmailFailed(Event):
     failure: FailureKind
     reason: str
     smtp_code: int | None = None
+    #: For a server's rejection: the RFC 3463 enhanced status code (e.g. "5.1.1") and
+    #: its classification; only a hard rejection means the address itself is bad.
+    enhanced_status: str | None = None
+    bounce_type: BounceType | None = None
 
 
 # ------------------------------------------------------------------------- tracker
@@ -242,12 +254,6 @@ class EngagementType(StrEnum):
     COMPLAINED = "complained"
     #: An automatic answer (out of office, ticket acknowledgement): not a reply.
     AUTO_REPLIED = "auto_replied"
-
-
-class BounceType(StrEnum):
-    HARD = "hard"
-    SOFT = "soft"
-    POLICY = "policy"
 
 
 class EngagementReceived(Event):
