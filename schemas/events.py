@@ -8,6 +8,7 @@ lead's events stay in order on one partition.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -348,12 +349,28 @@ TOPIC_EVENTS: dict[str, TypeAdapter[Any]] = {
 }
 
 
+#: Namespace of the event ids derived for upstream leads published without one.
+LEADS_EVENT_ID_NAMESPACE = uuid.UUID("5b0c7f2e-3d1a-4e8b-9c6f-2a7d4e1b8c90")
+
+
+def derived_event_id(raw: bytes) -> uuid.UUID:
+    """The event id of a record that carries none: the same bytes, the same id, so a
+    redelivered record is recognised as the event already applied."""
+    return uuid.uuid5(LEADS_EVENT_ID_NAMESPACE, hashlib.sha256(raw).hexdigest())
+
+
 def decode(topic: str, raw: bytes) -> Event:
     """Validate raw bytes from ``topic`` into its event model.
+
+    A ``LeadReceived`` without an ``event_id`` (upstream may omit it) gets one
+    derived from the record's bytes, never a random one: a Kafka redelivery of the
+    record then carries the same id and the consumer's inbox skips it.
 
     Raises ``pydantic.ValidationError`` (or ``ValueError``) when the bytes are not a
     valid event for that topic.
     """
     adapter = TOPIC_EVENTS[topic]
     event: Event = adapter.validate_json(raw)
+    if topic == topics.LEADS and "event_id" not in event.model_fields_set:
+        event = event.model_copy(update={"event_id": derived_event_id(raw)})
     return event

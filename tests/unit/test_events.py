@@ -181,9 +181,29 @@ def test_optional_envelope_fields_are_generated_or_defaulted() -> None:
     assert first.tenant_id == "default"
     assert first.sequence is None
     assert isinstance(first.event_id, uuid.UUID)
-    assert first.event_id != second.event_id  # a fresh id per decode
     assert first.occurred_at.tzinfo is not None
     assert before <= first.occurred_at <= datetime.now(UTC)
+
+
+def test_a_lead_without_event_id_gets_one_derived_from_its_bytes() -> None:
+    """A redelivered record (the same bytes) must carry the same id, or the inbox
+    cannot recognise it; another record gets another id."""
+    body = upstream_lead_json()
+    del body["event_id"]
+    raw = encode(body)
+
+    first = decode(topics.LEADS, raw)
+    redelivered = decode(topics.LEADS, bytes(raw))
+    other = decode(topics.LEADS, encode({**body, "sequence": "regular_nurture"}))
+
+    assert first.event_id == redelivered.event_id
+    assert first.event_id != other.event_id
+    assert first.event_id.version == 5
+    # An event id upstream states is kept as it is.
+    assert decode(topics.LEADS, encode(upstream_lead_json())).event_id == uuid.UUID(EVENT_ID)
+    # Events of other topics are produced by the services, always with an id.
+    routed = lead_routed()
+    assert decode(topics.LEAD_ROUTED, routed.to_bytes()).event_id == routed.event_id
 
 
 def test_unknown_fields_are_ignored() -> None:
