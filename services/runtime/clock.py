@@ -7,9 +7,12 @@ every process of one deployment agrees on "now" without talking to each other.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Clock(Protocol):
@@ -77,4 +80,15 @@ def clock_from_settings(
 ) -> Clock:
     if speed == 1.0 and origin is None and start is None:
         return SystemClock()
+    if origin is None:
+        # Product time then counts from this process's start-up: processes started at
+        # different moments disagree on "now" (and a restart jumps back in time).
+        log.warning(
+            "TOUCHSTREAM_CLOCK_SPEED=%s%s without TOUCHSTREAM_CLOCK_ORIGIN: this process's"
+            " clock starts from its own start-up, so processes started at different moments"
+            " disagree on the time; give every process of the deployment the same"
+            " TOUCHSTREAM_CLOCK_ORIGIN (an ISO 8601 instant)",
+            f"{speed:g}",
+            "" if start is None else " and TOUCHSTREAM_CLOCK_START",
+        )
     return FastClock(speed, origin, start)

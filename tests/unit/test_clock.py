@@ -163,3 +163,21 @@ def test_clock_from_settings_speed_one_with_origin_is_fast() -> None:
 def test_clock_from_settings_refuses_bad_speed() -> None:
     with pytest.raises(ValueError):
         clock_from_settings(0, None)
+
+
+def test_a_fast_clock_without_origin_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """Each process would start its own fast clock at its own start-up: say so."""
+    with caplog.at_level("WARNING", logger="services.runtime.clock"):
+        clock_from_settings(86400.0, None)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "TOUCHSTREAM_CLOCK_ORIGIN" in record.getMessage()
+    assert "86400" in record.getMessage()
+
+
+def test_a_shared_origin_or_wall_time_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="services.runtime.clock"):
+        clock_from_settings(86400.0, ORIGIN)
+        clock_from_settings(86400.0, ORIGIN, ORIGIN - timedelta(days=3))
+        clock_from_settings(1.0, None)
+    assert caplog.records == []
