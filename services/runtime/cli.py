@@ -121,6 +121,8 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
     from services.runtime.dlq import replay
     from services.runtime.kafka import KafkaUnavailable
     from services.runtime.settings import CommonSettings
@@ -137,6 +139,14 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         )
     except (KafkaUnavailable, ValueError) as exc:
         return _fail(str(exc))
+    except (TimeoutError, KafkaError) as exc:
+        # Each letter's offset is committed right after it is re-published: what went
+        # back before the failure stays replayed once, and a new run resumes after it.
+        return _fail(
+            f"replay of {args.topic}-dlq stopped: the broker did not answer in time"
+            f" ({exc!r}); letters replayed so far are not replayed again, run the"
+            " command again to continue"
+        )
     print(f"replayed {count} dead letter(s) from {args.topic}-dlq to {args.topic}")
     return 0
 
