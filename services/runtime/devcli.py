@@ -29,6 +29,18 @@ def _port(name: str) -> int:
     return preferred if not port_open("127.0.0.1", preferred) else free_port()
 
 
+def _http_ports() -> dict[str, int]:
+    """Each service's HTTP port: the default, or ``<SERVICE>_HTTP_PORT`` when set."""
+    ports: dict[str, int] = {}
+    for name in SERVICES:
+        variable = f"{name.upper()}_HTTP_PORT"
+        value = os.environ.get(variable) or str(DEFAULT_HTTP_PORTS[name])
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise ValueError(f"{variable} must be a port number, not {value!r}")
+        ports[name] = int(value)
+    return ports
+
+
 def wait_ready(ports: dict[str, int], timeout: float = 60.0) -> dict[str, bool]:
     deadline = time.monotonic() + timeout
     ready = dict.fromkeys(ports, False)
@@ -54,9 +66,17 @@ def up(root: Path, clock_speed: float = 1.0) -> int:
         existing.stop_all()
     stack = Stack(root)
     root.mkdir(parents=True, exist_ok=True)
-    busy = [f"{n} ({p})" for n, p in DEFAULT_HTTP_PORTS.items() if port_open("127.0.0.1", p)]
+    try:
+        http_ports = _http_ports()
+    except ValueError as exc:
+        print(f"touchstream: {exc}")
+        return 2
+    busy = [f"{n} ({p})" for n, p in http_ports.items() if port_open("127.0.0.1", p)]
     if busy:
-        print(f"touchstream: HTTP ports in use: {', '.join(busy)}; stop what holds them")
+        print(
+            f"touchstream: HTTP ports in use: {', '.join(busy)}; stop what holds them"
+            " or choose others (ROUTER_HTTP_PORT, NURTURE_HTTP_PORT, ...)"
+        )
         return 2
     try:
         database_url = os.environ.get("DATABASE_URL") or stack.start_postgres(_port("postgres"))
@@ -64,6 +84,8 @@ def up(root: Path, clock_speed: float = 1.0) -> int:
         if os.environ.get("SMTP_HOST"):
             smtp_host, smtp_port = os.environ["SMTP_HOST"], int(os.environ.get("SMTP_PORT", "25"))
         else:
+            # A fresh folder per run: `dev down` keeps the last run's mail to read.
+            shutil.rmtree(stack.mail_dir, ignore_errors=True)
             smtp_host, smtp_port = stack.start_smtp(_port("smtp"))
         env = base_env(
             database_url=database_url,
@@ -71,6 +93,7 @@ def up(root: Path, clock_speed: float = 1.0) -> int:
             smtp_host=smtp_host,
             smtp_port=smtp_port,
             clock_speed=clock_speed,
+            http_ports=http_ports,
         )
         # Whatever the operator set wins over generated values.
         for key in (
@@ -93,7 +116,7 @@ def up(root: Path, clock_speed: float = 1.0) -> int:
         print(f"touchstream: {exc}")
         stack.stop_all()
         return 2
-    ready = wait_ready({n: DEFAULT_HTTP_PORTS[n] for n in SERVICES})
+    ready = wait_ready(http_ports)
     (root / "env").write_text("".join(f"export {k}={v!r}\n" for k, v in sorted(env.items())))
     _print_summary(stack, env)
     if not all(ready.values()):
@@ -118,7 +141,8 @@ def _print_summary(stack: Stack, env: dict[str, str]) -> None:
         f"  clock        x{env['TOUCHSTREAM_CLOCK_SPEED']} from {env['TOUCHSTREAM_CLOCK_ORIGIN']}"
     )
     for name in SERVICES:
-        print(f"  {name:<12} http://127.0.0.1:{DEFAULT_HTTP_PORTS[name]}  (/healthz, /readyz)")
+        port = env[f"{name.upper()}_HTTP_PORT"]
+        print(f"  {name:<12} http://127.0.0.1:{port}  (/healthz, /readyz)")
     print(f"  logs         {stack.root / 'logs'}")
     print(f"  environment  source {stack.root / 'env'}")
 
@@ -129,10 +153,15 @@ def down(root: Path) -> int:
         print("the dev stack is not running")
     names = list(stack.processes)
     stack.stop_all()
-    for folder in ("pgdata", "pgsock", "mail"):
+    # The mail the sink received stays for a person to open; the next `dev up`
+    # starts a fresh folder.
+    for folder in ("pgdata", "pgsock"):
         shutil.rmtree(root / folder, ignore_errors=True)
     if names:
         print(f"stopped: {', '.join(names)}")
+    mail = sorted(stack.mail_dir.glob("*.eml")) if stack.mail_dir.is_dir() else []
+    if mail:
+        print(f"the {len(mail)} email(s) the SMTP sink received are kept in {stack.mail_dir}")
     return 0
 
 

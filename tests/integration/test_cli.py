@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +11,12 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import topics
-from services.runtime.devstack import free_port
+from services.runtime.devstack import SERVICES, ProcessRecord, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def touchstream(
-    *args: str, env: dict[str, str], timeout: float = 60
+    *args: str, env: dict[str, str], timeout: float = 60, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "services.runtime.cli", *args],
@@ -30,7 +32,7 @@ def touchstream(
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=ROOT,
+        cwd=cwd,
     )
 
 
@@ -174,3 +176,71 @@ def test_sigterm_shuts_a_service_down_gracefully(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_dev_up_starts_the_stack_and_dev_down_stops_exactly_it(tmp_path: Path) -> None:
+    """`touchstream dev up` in a fresh folder: PostgreSQL, the broker, the SMTP sink and
+    the four services as background processes on a fast clock; a lead goes through to
+    the sink; `dev down` stops exactly the recorded processes and keeps the mail."""
+    ports = {name: free_port() for name in SERVICES}
+    env = {f"{name.upper()}_HTTP_PORT": str(port) for name, port in ports.items()}
+    env["TOUCHSTREAM_CLOCK_SPEED"] = "86400"
+    dev_dir = tmp_path / ".touchstream" / "dev"
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    stopped = False
+    try:
+        up = touchstream("dev", "up", env=env, cwd=tmp_path, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        for port in ports.values():
+            assert f"http://127.0.0.1:{port}" in up.stdout, up.stdout
+        state = json.loads((dev_dir / "state.json").read_text())
+        records = [ProcessRecord(**record) for record in state["processes"].values()]
+        embedded = {
+            "postgres": "DATABASE_URL",
+            "kafka": "KAFKA_BOOTSTRAP_SERVERS",
+            "smtp": "SMTP_HOST",
+        }
+        expected = set(SERVICES) | {n for n, var in embedded.items() if not os.environ.get(var)}
+        assert {r.name for r in records} == expected
+        assert all(r.alive() for r in records)
+        assert state["env"]["TOUCHSTREAM_CLOCK_SPEED"] == "86400.0"
+        assert state["env"]["TOUCHSTREAM_CLOCK_ORIGIN"]
+
+        for name, port in ports.items():
+            health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            assert health.status_code == 200
+            assert health.json() == {"status": "ok", "service": name}
+        assert touchstream("dev", "status", env=env, cwd=tmp_path).returncode == 0
+
+        mail_dir = dev_dir / "mail"
+        if "smtp" in expected:
+            posted = httpx.post(
+                f"http://127.0.0.1:{ports['router']}/leads",
+                json={"lead": {"email": "ada@example.com", "first_name": "Ada"}},
+                timeout=10,
+            )
+            assert posted.status_code == 201, posted.text
+            deadline = time.monotonic() + 60
+            while not list(mail_dir.glob("*.eml")):
+                assert time.monotonic() < deadline, "no email reached the sink"
+                time.sleep(0.2)
+
+        down = touchstream("dev", "down", env=env, cwd=tmp_path)
+        stopped = True
+        assert down.returncode == 0, down.stderr
+        assert f"stopped: {', '.join(r.name for r in records)}" in down.stdout
+        for record in records:
+            assert not record.alive(), f"{record.name} (pid {record.pid}) still runs"
+        assert bystander.poll() is None, "dev down stopped a process it did not start"
+        assert json.loads((dev_dir / "state.json").read_text())["processes"] == {}
+        if "smtp" in expected:
+            # The mail stays for a person to read after the stack is gone.
+            assert list(mail_dir.glob("*.eml"))
+            assert str(mail_dir) in down.stdout
+        again = touchstream("dev", "status", env=env, cwd=tmp_path)
+        assert again.returncode == 1 and "not running" in again.stdout
+    finally:
+        if not stopped:
+            touchstream("dev", "down", env=env, cwd=tmp_path)
+        bystander.kill()
+        bystander.wait()
