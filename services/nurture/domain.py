@@ -16,6 +16,7 @@ from services.nurture.windows import (
     add_business_days,
     is_open,
     schedule_send,
+    with_lead_holidays,
     zone_for,
 )
 
@@ -81,6 +82,8 @@ class EnrollmentState:
     thread_delivery_key: str | None
     due_since: datetime | None = None
     lead_timezone: str | None = None
+    #: The lead's country (ISO 3166 alpha-2): whose public holidays count.
+    lead_country: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,12 +309,13 @@ def advance(
         if step.kind == "email":
             due = result.due_since or now
             if context.window is not None:
+                window = with_lead_holidays(context.window, state.lead_country)
                 seed = delivery_key(state.id, result.cursor)
-                send_at = schedule_send(context.window, due, state.lead_timezone, seed)
-                if now >= send_at and not is_open(context.window, now, tz()):
+                send_at = schedule_send(window, due, state.lead_timezone, seed)
+                if now >= send_at and not is_open(window, now, tz()):
                     # Reached late (a backlog, a pause): the window has closed again.
                     due = now
-                    send_at = schedule_send(context.window, due, state.lead_timezone, seed)
+                    send_at = schedule_send(window, due, state.lead_timezone, seed)
                     result.due_since = None
                 if now < send_at:
                     if result.due_since is None:
@@ -347,7 +351,7 @@ def advance(
 
         if step.kind == "wait":
             if config.get("business_days"):
-                window = context.window or SendWindow()
+                window = with_lead_holidays(context.window or SendWindow(), state.lead_country)
                 until = add_business_days(
                     now,
                     int(config["business_days"]),
@@ -490,6 +494,7 @@ def after_email_sent(
         thread_delivery_key=state.thread_delivery_key,
         due_since=None,
         lead_timezone=state.lead_timezone,
+        lead_country=state.lead_country,
     )
     return advance(moved, steps, sent_at, facts, context)
 

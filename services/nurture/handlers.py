@@ -67,6 +67,7 @@ def _state(row: asyncpg.Record) -> EnrollmentState:
         thread_delivery_key=row["thread_delivery_key"],
         due_since=row["due_since"],
         lead_timezone=(row["lead"] or {}).get("timezone"),
+        lead_country=(row["lead"] or {}).get("country"),
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Any
@@ -32,6 +32,7 @@ __all__ = [
     "is_open",
     "next_opening",
     "schedule_send",
+    "with_lead_holidays",
     "zone_for",
 ]
 
@@ -334,6 +335,25 @@ def zone_for(window: SendWindow, lead_timezone: str | None) -> ZoneInfo:
         except WindowInvalid:
             pass
     return _zone(window.timezone)
+
+
+@lru_cache(maxsize=1024)
+def with_lead_holidays(window: SendWindow, lead_country: str | None) -> SendWindow:
+    """``window`` observing the public holidays of the lead's country.
+
+    The lead's ``country`` (ISO 3166 alpha-2) wins when it names a country the
+    holiday library knows; otherwise the window's own ``holidays`` country applies
+    (or none). An always-open window stays open at every instant.
+    """
+    if window.always_open or not isinstance(lead_country, str):
+        return window
+    try:
+        country = _check_country(lead_country.strip(), "country")
+    except WindowInvalid:
+        return window
+    if country == window.holidays_country:
+        return window
+    return replace(window, holidays_country=country)
 
 
 def is_open(window: SendWindow, at: datetime, tz: ZoneInfo) -> bool:

@@ -86,6 +86,7 @@ def state(
     thread: str | None = None,
     due_since: datetime | None = None,
     lead_timezone: str | None = None,
+    lead_country: str | None = None,
     lead_id: uuid.UUID = LEAD,
 ) -> EnrollmentState:
     return EnrollmentState(
@@ -97,6 +98,7 @@ def state(
         thread_delivery_key=thread,
         due_since=due_since,
         lead_timezone=lead_timezone,
+        lead_country=lead_country,
     )
 
 
@@ -111,6 +113,7 @@ def stored(result: Advance, previous: EnrollmentState) -> EnrollmentState:
         thread_delivery_key=result.thread_delivery_key,
         due_since=result.due_since,
         lead_timezone=previous.lead_timezone,
+        lead_country=previous.lead_country,
     )
 
 
@@ -644,6 +647,69 @@ def test_business_days_skip_the_windows_holidays() -> None:
     plain = SendWindow.from_config({"timezone": "America/New_York"})
     without = advance(state(), steps, now, context=SequenceContext("s", 1, window=plain))
     assert without.next_action_at == datetime(2026, 7, 6, 10, 0, tzinfo=NEW_YORK)
+
+
+# ------------------------------------------------- public holidays of the lead
+
+#: Friday 3 July 2026, 10:00 in New York: the observed US Independence Day, a working
+#: day in Great Britain.
+US_HOLIDAY = datetime(2026, 7, 3, 10, 0, tzinfo=NEW_YORK)
+GB_WINDOW = SendWindow.from_config(
+    {"timezone": "America/New_York", "start": "09:00", "end": "17:00", "holidays": "GB"}
+)
+
+
+@pytest.mark.parametrize(
+    ("lead_country", "sends_now"),
+    [
+        ("US", False),  # the lead's country wins over the window's
+        ("us", False),
+        (None, True),  # no country: the window's (GB) holidays
+        ("GB", True),
+        ("ZZ", True),  # no holiday calendar for it: the window's
+    ],
+)
+def test_an_email_waits_out_the_public_holidays_of_the_leads_country(
+    lead_country: str | None, sends_now: bool
+) -> None:
+    context = SequenceContext("seq", 1, window=GB_WINDOW)
+    lead = state(lead_country=lead_country)
+    result = advance(lead, build([email("a")]), US_HOLIDAY, context=context)
+    if sends_now:
+        assert result.email is not None and result.status == "awaiting_send"
+    else:
+        assert result.email is None and result.waiting_on == "window"
+        # The next opening in New York after the holiday weekend: Monday 09:00.
+        assert result.next_action_at == datetime(2026, 7, 6, 9, 0, tzinfo=NEW_YORK)
+
+
+@pytest.mark.parametrize(
+    ("window", "lead_country", "expected_day"),
+    [
+        (GB_WINDOW, "US", 7),  # Wed + 3 business days, skipping the US holiday: Tuesday
+        (GB_WINDOW, None, 6),  # the window's GB holidays: Monday
+        (GB_WINDOW, "GB", 6),
+        (None, "US", 7),  # no window (no holidays of its own): the lead's country
+        (None, None, 6),
+        (SendWindow.from_config({"timezone": "UTC", "holidays": "US"}), "GB", 6),
+    ],
+)
+def test_business_days_skip_the_public_holidays_of_the_leads_country(
+    window: SendWindow | None, lead_country: str | None, expected_day: int
+) -> None:
+    steps = build([wait("w", business_days=3), email("a")])
+    wednesday = datetime(2026, 7, 1, 10, 0, tzinfo=NEW_YORK)
+    lead = state(lead_timezone="America/New_York", lead_country=lead_country)
+    result = advance(lead, steps, wednesday, context=SequenceContext("seq", 1, window=window))
+    assert result.next_action_at == datetime(2026, 7, expected_day, 10, 0, tzinfo=NEW_YORK)
+
+
+def test_the_leads_country_follows_the_enrollment_past_a_sent_email() -> None:
+    steps = build([email("a"), wait("w", business_days=3), email("b")])
+    lead = state(lead_timezone="America/New_York", lead_country="US")
+    wednesday = datetime(2026, 7, 1, 10, 0, tzinfo=NEW_YORK)
+    result = after_email_sent(lead, steps, wednesday, Facts(), CONTEXT)
+    assert result.next_action_at == datetime(2026, 7, 7, 10, 0, tzinfo=NEW_YORK)
 
 
 # --------------------------------------------------------------------- variants

@@ -19,6 +19,7 @@ from services.nurture.windows import (
     is_open,
     next_opening,
     schedule_send,
+    with_lead_holidays,
     zone_for,
 )
 
@@ -584,3 +585,21 @@ def test_no_opening_within_a_year_raises(monkeypatch: pytest.MonkeyPatch) -> Non
         next_opening(SendWindow(), utc(2026, 5, 12, 10), LONDON)
     with pytest.raises(WindowInvalid, match="no business day within 366 days"):
         add_business_days(utc(2026, 5, 12, 10), 1, LONDON)
+
+
+def test_with_lead_holidays_takes_the_leads_country_when_it_has_a_calendar() -> None:
+    gb = SendWindow.from_config({"timezone": "Europe/London", "holidays": "GB"})
+    assert with_lead_holidays(gb, "US").holidays_country == "US"
+    assert with_lead_holidays(gb, " us ").holidays_country == "US"
+    assert with_lead_holidays(gb, "US").timezone == "Europe/London"  # only the holidays
+    for missing in (None, "", "ZZ", "USA", "1"):
+        assert with_lead_holidays(gb, missing) is gb
+    plain = SendWindow.from_config({"timezone": "Europe/London"})
+    assert with_lead_holidays(plain, "DE").holidays_country == "DE"
+    assert with_lead_holidays(plain, None).holidays_country is None
+    assert with_lead_holidays(ALWAYS_OPEN, "US") is ALWAYS_OPEN
+    # 4 July 2025 is a Friday: closed for a US lead, open for the window's GB.
+    independence_day = datetime(2025, 7, 4, 12, 0, tzinfo=UTC)
+    london = ZoneInfo("Europe/London")
+    assert is_open(gb, independence_day, london)
+    assert not is_open(with_lead_holidays(gb, "US"), independence_day, london)
