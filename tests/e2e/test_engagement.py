@@ -8,6 +8,7 @@ import email.utils
 import uuid
 from datetime import timedelta
 from email.message import Message
+from typing import Any
 
 import httpx
 import pytest
@@ -113,7 +114,12 @@ async def test_out_of_office_pauses_a_bounce_stops_and_analytics_count(
     lead = await d.lead("away@acme.example")
     assert lead is not None and lead["status"] == "new"  # an out-of-office is not a reply
 
-    report = await d.get("tracker", "/analytics/sequences/aggressive_close")
+    # The sink has the mail before the tracker has consumed its EmailSent.
+    async def all_sent_counted() -> dict[str, Any] | None:
+        report = await d.get("tracker", "/analytics/sequences/aggressive_close")
+        return report if report["totals"]["sent"] >= 4 else None
+
+    report = await d.eventually(all_sent_counted, timeout=20, what="4 sent in the analytics")
     totals = report["totals"]
     assert totals["sent"] == 4
     assert totals["replied"] == 0 and totals["auto_replied"] == 1
