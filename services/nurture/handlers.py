@@ -84,13 +84,14 @@ async def load_context(
     conn: asyncpg.Connection, rows: Sequence[asyncpg.Record], cache: StepCache
 ) -> Context:
     steps = {v: await cache.get(conn, v) for v in {r["sequence_version_id"] for r in rows}}
-    settings = await repo.sequence_settings(conn, [r["sequence_id"] for r in rows])
-    contexts: dict[tuple[uuid.UUID, int], SequenceContext] = {}
+    # Settings are versioned with the steps: each enrollment runs on its version's.
+    settings = await repo.sequence_settings(conn, list(steps))
+    contexts: dict[uuid.UUID, SequenceContext] = {}
     sequences: dict[uuid.UUID, SequenceContext] = {}
     for row in rows:
-        key = (row["sequence_id"], row["version"])
+        key = row["sequence_version_id"]
         if key not in contexts:
-            parsed = parse_settings(settings.get(row["sequence_id"]) or {})
+            parsed = parse_settings(settings.get(key) or {})
             contexts[key] = SequenceContext(
                 row["sequence_key"], row["version"], parsed.window(), parsed.tracking
             )
@@ -480,8 +481,8 @@ async def _company_stops(
     company = domain.company_domain(event.email)
     if company is None or event.sequence_id is None:
         return []
-    settings = await repo.sequence_settings(conn, [event.sequence_id])
-    if not parse_settings(settings.get(event.sequence_id) or {}).company_stop:
+    settings = await repo.settings_of_version(conn, event.sequence_id, event.sequence_version)
+    if not parse_settings(settings).company_stop:
         return []
     rows = await repo.running_at_company_for_update(conn, event.tenant_id, company)
     return [r for r in rows if r["id"] not in already and r["lead_id"] != event.lead_id]

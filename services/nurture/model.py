@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from jinja2 import TemplateSyntaxError, meta, nodes
@@ -392,3 +393,42 @@ def parse_settings(data: Any) -> SequenceSettings:
         return SequenceSettings.model_validate(data or {})
     except ValidationError as exc:
         raise SequenceInvalid(_error_message(exc, "settings.")) from exc
+
+
+# --------------------------------------------------------------------- versions
+
+
+@dataclass(frozen=True, slots=True)
+class VersionTarget:
+    """Where an edit of a sequence's steps or settings is written."""
+
+    #: A new version: the current one is frozen (enrollments run on it, or may join it).
+    new: bool
+    #: The version the edit is written to.
+    version: int
+    #: Whether that version is frozen at once.
+    frozen: bool
+
+
+def version_for_edit(status: str, current_version: int, frozen: bool) -> VersionTarget:
+    """Where an edit goes: a draft version is edited in place; a frozen version never
+    changes, so the edit becomes the next version. That version is frozen at once when
+    the sequence is active (new enrollments join it from now on); for a paused
+    sequence it stays open to further edits and is frozen when the sequence is
+    activated again. (An archived sequence is not edited at all: the caller refuses.)
+    """
+    if not frozen:
+        return VersionTarget(new=False, version=current_version, frozen=False)
+    return VersionTarget(new=True, version=current_version + 1, frozen=status == "active")
+
+
+def settings_after_patch(
+    current: dict[str, Any], patch: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The validated settings a PATCH leaves (keys it names replace the current ones),
+    or None when it changes nothing. Raises SequenceInvalid."""
+    if patch is None:
+        return None
+    after = parse_settings({**current, **patch}).model_dump(exclude_none=True)
+    before = parse_settings(current).model_dump(exclude_none=True)
+    return None if after == before else after

@@ -20,8 +20,11 @@ ENROLLMENT_COLUMNS = (
 )
 
 
-async def ensure_preset(conn: asyncpg.Connection, tenant_id: str, preset: Preset) -> None:
-    """Create the preset sequence for a tenant if it has none of that key."""
+async def ensure_preset(
+    conn: asyncpg.Connection, tenant_id: str, preset: Preset
+) -> uuid.UUID | None:
+    """Create the preset sequence for a tenant if it has none of that key; the new
+    sequence's id (None: the tenant has a sequence of that key already)."""
     sequence_id = uuid.uuid4()
     created = await conn.fetchval(
         "INSERT INTO sequences (id, tenant_id, key, name, description, status,"
@@ -34,7 +37,7 @@ async def ensure_preset(conn: asyncpg.Connection, tenant_id: str, preset: Preset
         preset.description,
     )
     if created is None:
-        return
+        return None
     version_id = uuid.uuid4()
     await conn.execute(
         "INSERT INTO sequence_versions (id, sequence_id, version, frozen) VALUES ($1, $2, 1, true)",
@@ -46,6 +49,7 @@ async def ensure_preset(conn: asyncpg.Connection, tenant_id: str, preset: Preset
         version_id,
         [(f"s{n + 1}", kind, config) for n, (kind, config) in enumerate(preset.steps())],
     )
+    return sequence_id
 
 
 async def active_sequence(
@@ -323,12 +327,27 @@ async def facts_for(
 
 
 async def sequence_settings(
-    conn: asyncpg.Connection, sequence_ids: Sequence[uuid.UUID]
+    conn: asyncpg.Connection, version_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, dict[str, Any]]:
+    """The settings of these sequence versions, by version id."""
     rows = await conn.fetch(
-        "SELECT id, settings FROM sequences WHERE id = ANY($1::uuid[])", list(set(sequence_ids))
+        "SELECT id, settings FROM sequence_versions WHERE id = ANY($1::uuid[])",
+        list(set(version_ids)),
     )
     return {r["id"]: r["settings"] for r in rows}
+
+
+async def settings_of_version(
+    conn: asyncpg.Connection, sequence_id: uuid.UUID, version: int | None
+) -> dict[str, Any]:
+    """The settings of one version of a sequence (None: its current version)."""
+    value = await conn.fetchval(
+        "SELECT v.settings FROM sequence_versions v JOIN sequences s ON s.id = v.sequence_id"
+        " WHERE v.sequence_id = $1 AND v.version = coalesce($2::int, s.current_version)",
+        sequence_id,
+        version,
+    )
+    return value or {}
 
 
 async def upsert_leads(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -458,7 +477,7 @@ async def execution_log(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> list[di
 
 SEQUENCE_COLUMNS = (
     "s.id, s.tenant_id, s.key, s.name, s.description, s.status, s.current_version,"
-    " s.settings, s.preset, s.created_at, s.updated_at, v.id AS version_id, v.frozen"
+    " v.settings, s.preset, s.created_at, s.updated_at, v.id AS version_id, v.frozen"
 )
 
 
@@ -473,18 +492,18 @@ async def create_sequence(
     sequence_id, version_id = uuid.uuid4(), uuid.uuid4()
     await conn.execute(
         "INSERT INTO sequences (id, tenant_id, key, name, description, status,"
-        " current_version, settings) VALUES ($1, $2, $3, $4, $5, 'draft', 1, $6)",
+        " current_version) VALUES ($1, $2, $3, $4, $5, 'draft', 1)",
         sequence_id,
         tenant_id,
         key,
         name,
         description,
-        settings,
     )
     await conn.execute(
-        "INSERT INTO sequence_versions (id, sequence_id, version) VALUES ($1, $2, 1)",
+        "INSERT INTO sequence_versions (id, sequence_id, version, settings) VALUES ($1, $2, 1, $3)",
         version_id,
         sequence_id,
+        settings,
     )
     return sequence_id, version_id
 
@@ -521,9 +540,10 @@ async def list_sequences(
     pool: asyncpg.Pool, tenant_id: str, status: str | None = None
 ) -> list[dict[str, Any]]:
     rows = await pool.fetch(
-        "SELECT id, key, name, description, status, current_version AS version, settings,"
-        " preset, created_at, updated_at FROM sequences"
-        " WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) ORDER BY key",
+        "SELECT s.id, s.key, s.name, s.description, s.status, s.current_version AS version,"
+        " v.settings, s.preset, s.created_at, s.updated_at FROM sequences s"
+        " JOIN sequence_versions v ON v.sequence_id = s.id AND v.version = s.current_version"
+        " WHERE s.tenant_id = $1 AND ($2::text IS NULL OR s.status = $2) ORDER BY s.key",
         tenant_id,
         status,
     )
@@ -531,18 +551,23 @@ async def list_sequences(
 
 
 async def update_sequence(
-    conn: asyncpg.Connection,
-    sequence_id: uuid.UUID,
-    name: str,
-    description: str,
-    settings: dict[str, Any],
+    conn: asyncpg.Connection, sequence_id: uuid.UUID, name: str, description: str
 ) -> None:
     await conn.execute(
-        "UPDATE sequences SET name = $2, description = $3, settings = $4, updated_at = now()"
-        " WHERE id = $1",
+        "UPDATE sequences SET name = $2, description = $3, updated_at = now() WHERE id = $1",
         sequence_id,
         name,
         description,
+    )
+
+
+async def set_version_settings(
+    conn: asyncpg.Connection, version_id: uuid.UUID, settings: dict[str, Any]
+) -> None:
+    """Settings of a version no enrollment runs on yet (a draft's)."""
+    await conn.execute(
+        "UPDATE sequence_versions SET settings = $2 WHERE id = $1 AND NOT frozen",
+        version_id,
         settings,
     )
 
@@ -564,15 +589,21 @@ async def freeze_version(conn: asyncpg.Connection, version_id: uuid.UUID) -> Non
 
 
 async def add_version(
-    conn: asyncpg.Connection, sequence_id: uuid.UUID, version: int, frozen: bool
+    conn: asyncpg.Connection,
+    sequence_id: uuid.UUID,
+    version: int,
+    frozen: bool,
+    settings: dict[str, Any],
 ) -> uuid.UUID:
     version_id = uuid.uuid4()
     await conn.execute(
-        "INSERT INTO sequence_versions (id, sequence_id, version, frozen) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO sequence_versions (id, sequence_id, version, frozen, settings)"
+        " VALUES ($1, $2, $3, $4, $5)",
         version_id,
         sequence_id,
         version,
         frozen,
+        settings,
     )
     await conn.execute(
         "UPDATE sequences SET current_version = $2, updated_at = now() WHERE id = $1",
@@ -584,7 +615,7 @@ async def add_version(
 
 async def versions_of(pool: asyncpg.Pool, sequence_id: uuid.UUID) -> list[dict[str, Any]]:
     rows = await pool.fetch(
-        "SELECT v.version, v.frozen, v.created_at,"
+        "SELECT v.version, v.frozen, v.created_at, v.settings,"
         " (SELECT count(*) FROM enrollments e WHERE e.sequence_version_id = v.id) AS enrollments,"
         " (SELECT count(*) FROM steps st WHERE st.sequence_version_id = v.id) AS steps"
         " FROM sequence_versions v WHERE v.sequence_id = $1 ORDER BY v.version",

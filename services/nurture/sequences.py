@@ -24,8 +24,10 @@ from services.nurture.model import (
     parse_settings,
     parse_step,
     parse_steps,
+    settings_after_patch,
     step_config,
     validate_sequence,
+    version_for_edit,
 )
 
 AnyStep = EmailStep | WaitStep | ConditionStep | ActionStep
@@ -115,15 +117,28 @@ async def update(
     description: str | None,
     settings: dict[str, Any] | None,
 ) -> asyncpg.Record:
+    """Name and description change in place; settings are versioned like steps: a
+    change to a frozen version's settings becomes a new version (with the same steps),
+    and running enrollments keep the settings of theirs."""
     row = await _get(conn, tenant_id, ref)
-    merged = row["settings"] if settings is None else {**row["settings"], **settings}
-    parsed = parse_settings(merged)
+    changed = settings_after_patch(row["settings"], settings)
+    if changed is not None:
+        if row["status"] == "archived":
+            raise Conflict("an archived sequence cannot be edited")
+        target = version_for_edit(row["status"], row["current_version"], row["frozen"])
+        if target.new:
+            steps = await load_steps(conn, row["version_id"])
+            version_id = await repo.add_version(
+                conn, row["id"], target.version, frozen=target.frozen, settings=changed
+            )
+            await _write_steps(conn, version_id, steps)
+        else:
+            await repo.set_version_settings(conn, row["version_id"], changed)
     await repo.update_sequence(
         conn,
         row["id"],
         name if name is not None else row["name"],
         description if description is not None else row["description"],
-        parsed.model_dump(exclude_none=True),
     )
     return await _get(conn, tenant_id, str(row["id"]))
 
@@ -141,9 +156,10 @@ async def edit_steps(
         [s for _, s in steps], [k for k, _ in steps], activating=row["status"] == "active"
     )
     await _check_moves(conn, tenant_id, steps)
-    if row["frozen"]:
+    target = version_for_edit(row["status"], row["current_version"], row["frozen"])
+    if target.new:
         version_id = await repo.add_version(
-            conn, row["id"], row["current_version"] + 1, frozen=row["status"] == "active"
+            conn, row["id"], target.version, frozen=target.frozen, settings=row["settings"]
         )
     else:
         version_id = row["version_id"]

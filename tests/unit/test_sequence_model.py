@@ -20,9 +20,11 @@ from services.nurture.model import (
     parse_settings,
     parse_step,
     parse_steps,
+    settings_after_patch,
     step_config,
     validate_sequence,
     variables_without_fallback,
+    version_for_edit,
 )
 from services.nurture.windows import SendWindow
 
@@ -796,3 +798,56 @@ def test_a_change_that_breaks_a_reference_is_caught_by_validation() -> None:
     changed = sequences.remove_step("c")(steps)
     with pytest.raises(SequenceInvalid, match="unknown branch target next='c'"):
         validate_sequence([s for _, s in changed], keys_of(changed))
+
+
+# -------------------------------------------------------------------- versioning
+
+
+def test_a_draft_version_is_edited_in_place() -> None:
+    for status in ("draft", "paused"):
+        target = version_for_edit(status, 3, frozen=False)
+        assert (target.new, target.version, target.frozen) == (False, 3, False)
+
+
+def test_an_edit_of_a_frozen_version_becomes_the_next_version() -> None:
+    # Active: new enrollments join the new version at once, so it is frozen at once.
+    active = version_for_edit("active", 1, frozen=True)
+    assert (active.new, active.version, active.frozen) == (True, 2, True)
+    # Paused: nobody joins until it is activated again, so more edits may follow.
+    paused = version_for_edit("paused", 4, frozen=True)
+    assert (paused.new, paused.version, paused.frozen) == (True, 5, False)
+
+
+WINDOW = {"timezone": "Europe/London", "start": "09:00", "end": "17:00"}
+
+
+def test_a_settings_patch_replaces_the_keys_it_names() -> None:
+    current = parse_settings({"send_window": WINDOW}).model_dump(exclude_none=True)
+    after = settings_after_patch(current, {"company_stop": True})
+    assert after == {"send_window": WINDOW, "company_stop": True, "tracking": True}
+    later = {**WINDOW, "start": "13:00"}
+    assert settings_after_patch(current, {"send_window": later}) == {
+        "send_window": later,
+        "company_stop": False,
+        "tracking": True,
+    }
+    # Setting the window to null removes it.
+    assert settings_after_patch(current, {"send_window": None}) == {
+        "company_stop": False,
+        "tracking": True,
+    }
+
+
+def test_a_settings_patch_that_changes_nothing_makes_no_version() -> None:
+    current = parse_settings({"send_window": WINDOW}).model_dump(exclude_none=True)
+    assert settings_after_patch(current, None) is None
+    assert settings_after_patch(current, {}) is None
+    assert settings_after_patch(current, {"tracking": True, "send_window": WINDOW}) is None
+    assert settings_after_patch({}, {"company_stop": False}) is None
+
+
+def test_a_settings_patch_is_validated_as_a_whole() -> None:
+    with pytest.raises(SequenceInvalid, match="send_window"):
+        settings_after_patch({}, {"send_window": {"timezone": "Mars/Olympus"}})
+    with pytest.raises(SequenceInvalid, match="colour"):
+        settings_after_patch({}, {"colour": "red"})
