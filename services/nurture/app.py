@@ -106,11 +106,10 @@ class NurtureService(Service[NurtureSettings]):
     async def notifier(self, stop: asyncio.Event) -> None:
         """Deliver `notify` webhooks, signed, with retries (at least once)."""
         settings = self.settings
-        secret = (
-            settings.webhook_secret.get_secret_value().encode()
-            if (settings.webhook_secret)
-            else b""
-        )
+        value = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+        secret = value.encode() if value.strip() else b""
+        if not secret:
+            log.error("notifier: %s", notify.UNSIGNED_REFUSED)
         async with httpx.AsyncClient(timeout=settings.webhook_timeout_seconds) as client:
             while not stop.is_set():
                 self._notifications.clear()
@@ -127,14 +126,27 @@ class NurtureService(Service[NurtureSettings]):
         max_attempts = self.settings.webhook_max_attempts
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await repo.claim_notifications(conn, 20)
+            if rows and not secret:
+                # Never unsigned: a receiver could not tell our webhook from a forgery.
+                log.error("notifier: %d notification(s) %s", len(rows), notify.UNSIGNED_REFUSED)
+                for row in rows:
+                    await repo.finish_notification(
+                        conn,
+                        row["id"],
+                        delivered=False,
+                        failed=True,
+                        error=notify.UNSIGNED_REFUSED,
+                        response_status=None,
+                        retry_in=0,
+                    )
+                return len(rows)
             for row in rows:
                 body = notify.encode({"id": str(row["id"]), **row["payload"]})
                 headers = {
                     "Content-Type": "application/json",
                     "User-Agent": "touchstream-webhooks/1",
                 }
-                if secret:
-                    headers["X-Touchstream-Signature"] = notify.signature_header(secret, body)
+                headers["X-Touchstream-Signature"] = notify.signature_header(secret, body)
                 error: str | None = None
                 status: int | None = None
                 try:

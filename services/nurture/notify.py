@@ -13,6 +13,11 @@ import json
 import time
 from typing import Any
 
+#: Why a notification fails without a webhook secret: never sent unsigned.
+UNSIGNED_REFUSED = (
+    "not sent: NURTURE_WEBHOOK_SECRET is not set, and notify webhooks are never sent unsigned"
+)
+
 
 def signature_header(secret: bytes, body: bytes, timestamp: int | None = None) -> str:
     ts = int(time.time()) if timestamp is None else timestamp

@@ -99,6 +99,7 @@ def up(root: Path, clock_speed: float = 1.0) -> int:
         for key in (
             "TOUCHSTREAM_TRACKING_SECRET",
             "TRACKER_INBOUND_TOKEN",
+            "NURTURE_WEBHOOK_SECRET",
             "TOUCHSTREAM_CLOCK_ORIGIN",
             "TOUCHSTREAM_TOPIC_PARTITIONS",
             "TRACKER_PUBLIC_URL",

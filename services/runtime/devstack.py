@@ -423,6 +423,8 @@ def base_env(
         "TOUCHSTREAM_CLOCK_ORIGIN": datetime.now(UTC).isoformat(),
         "TOUCHSTREAM_TRACKING_SECRET": secrets.token_urlsafe(32),
         "TRACKER_INBOUND_TOKEN": secrets.token_urlsafe(24),
+        # notify webhooks are never sent unsigned.
+        "NURTURE_WEBHOOK_SECRET": secrets.token_urlsafe(32),
         "TRACKER_PUBLIC_URL": f"http://127.0.0.1:{ports['tracker']}",
         "KAFKA_SESSION_TIMEOUT_MS": "6000",
         "TOUCHSTREAM_TOPIC_PARTITIONS": "4",

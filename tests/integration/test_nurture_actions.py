@@ -225,3 +225,42 @@ async def test_notify_posts_a_signed_webhook_and_retries_until_accepted(
     assert (
         await nurture.pool.fetchval("SELECT count(*) FROM outbox WHERE event_type = 'StepDue'") == 1
     )
+
+
+@pytest.mark.parametrize("nurture_settings", [{}, {"webhook_secret": "  "}], ids=["unset", "blank"])
+async def test_without_a_webhook_secret_notify_fails_instead_of_posting_unsigned(
+    client: httpx.AsyncClient,
+    nurture: NurtureService,
+    publish: Publish,
+    receiver: tuple[str, list[tuple[dict[str, str], bytes]]],
+) -> None:
+    url, received = receiver
+    await _sequence(
+        client,
+        {
+            "key": "loud",
+            "name": "Loud",
+            "steps": [
+                {"key": "n1", "type": "action", "action": "notify", "url": url},
+                {"key": "e1", "type": "email", "subject": "Hello", "text": "Hi"},
+            ],
+        },
+    )
+    await publish(topics.LEAD_ROUTED, _routed("loud@acme.example", "loud"))
+
+    async def failed() -> Any:
+        return await nurture.pool.fetchrow(
+            "SELECT status, attempts, last_error, response_status FROM notifications"
+            " WHERE status <> 'pending'"
+        )
+
+    row = await _eventually(failed, what="the notification to be settled")
+    assert row["status"] == "failed"
+    assert row["last_error"] == notify.UNSIGNED_REFUSED
+    assert "NURTURE_WEBHOOK_SECRET" in row["last_error"]
+    assert row["attempts"] == 1 and row["response_status"] is None
+    assert received == []  # nothing went out, signed or not
+    # The sequence itself goes on: the email after the action is due.
+    assert (
+        await nurture.pool.fetchval("SELECT count(*) FROM outbox WHERE event_type = 'StepDue'") == 1
+    )

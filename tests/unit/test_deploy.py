@@ -59,7 +59,14 @@ SETTINGS_CLASSES = (
     "SenderSettings",
     "TrackerSettings",
 )
-SECRET_VARS = frozenset({"TOUCHSTREAM_TRACKING_SECRET", "TRACKER_INBOUND_TOKEN", "SMTP_PASSWORD"})
+SECRET_VARS = frozenset(
+    {
+        "TOUCHSTREAM_TRACKING_SECRET",
+        "TRACKER_INBOUND_TOKEN",
+        "NURTURE_WEBHOOK_SECRET",
+        "SMTP_PASSWORD",
+    }
+)
 #: The documented variables (deploy/README.md); each must exist in the settings.
 DOCUMENTED_VARS = frozenset(
     {
@@ -70,6 +77,7 @@ DOCUMENTED_VARS = frozenset(
         "TOUCHSTREAM_LOG_JSON", "TOUCHSTREAM_HTTP_HOST", "DLQ_LIMIT_RATIO", "DLQ_LIMIT_WINDOW",
         "ROUTER_HTTP_PORT", "ROUTER_DEFAULT_SEQUENCE",
         "NURTURE_HTTP_PORT", "NURTURE_SCHEDULER_BATCH", "NURTURE_SCHEDULER_IDLE_SECONDS",
+        "NURTURE_WEBHOOK_SECRET",
         "SENDER_HTTP_PORT", "SMTP_HOST", "SMTP_PORT", "SMTP_USERNAME", "SMTP_PASSWORD",
         "SMTP_STARTTLS", "SMTP_TLS", "SMTP_TIMEOUT", "SENDER_FROM_EMAIL", "SENDER_FROM_NAME",
         "SENDER_UNSUBSCRIBE_MAILTO", "SENDER_LEASE_SECONDS", "SENDER_DISPATCH_BATCH",
@@ -461,6 +469,8 @@ def test_compose_secrets_are_required_not_defaulted() -> None:
     tracker = compose_env(run_services()["tracker"])
     assert sender["TOUCHSTREAM_TRACKING_SECRET"] == tracker["TOUCHSTREAM_TRACKING_SECRET"]
     assert "TRACKER_INBOUND_TOKEN" in tracker
+    # notify webhooks are never sent unsigned: nurture must get its secret.
+    assert "NURTURE_WEBHOOK_SECRET" in compose_env(run_services()["nurture"])
 
 
 def test_compose_touchstream_commands() -> None:
