@@ -48,6 +48,7 @@ from services.runtime.consumer import EventConsumer, Rejection
 from services.runtime.db import create_pool, migrate
 from services.runtime.devstack import Stack
 from services.runtime.kafka import create_topics, new_broker
+from services.runtime.settings import CommonSettings
 
 MIGRATIONS = Path(handlers.__file__).parent / "migrations"
 SEQUENCE = "cold_outreach"
@@ -200,7 +201,7 @@ class _Timings:
 def _instrumented(timings: _Timings, consumer: EventConsumer) -> Iterator[None]:
     """Time the repo calls the handler makes and the consumer's transaction, by
     wrapping them on their module/instance for the duration (no product change)."""
-    names = ("upsert_leads", "active_sequence", "suppressed_leads", "insert_enrollments_returning")
+    names = ("upsert_leads", "active_sequence", "suppressed_leads", "insert_enrollments")
     originals = {name: getattr(repo, name) for name in names}
     apply = consumer._apply
     process = consumer.process
@@ -223,7 +224,7 @@ def _instrumented(timings: _Timings, consumer: EventConsumer) -> Iterator[None]:
         consumer.process = process  # type: ignore[method-assign]
 
 
-async def _floor(kafka: str, pool: asyncpg.Pool, leads: int, batch: int) -> float:
+async def _floor(kafka: str, pool: asyncpg.Pool, leads: int, batch: int, consumers: int) -> float:
     """The consumer alone: the same topic, decoded and recorded in the inbox in one
     transaction per batch, with a handler that writes nothing. Steady leads/s."""
 
@@ -247,6 +248,7 @@ async def _floor(kafka: str, pool: asyncpg.Pool, leads: int, batch: int) -> floa
         after_commit=committed,
         max_batch=batch,
         session_timeout_ms=6000,
+        concurrency=consumers,
     )
     try:
         await broker.start()
@@ -264,6 +266,7 @@ async def _production(
     pool: asyncpg.Pool,
     leads: int,
     batch: int,
+    consumers: int,
     profile: bool,
     postmaster: int,
 ) -> dict[str, Any]:
@@ -296,6 +299,7 @@ async def _production(
         after_commit=committed,
         max_batch=batch,
         session_timeout_ms=6000,
+        concurrency=consumers,
     )
     watcher = await asyncpg.connect(dsn, server_settings={"search_path": "nurture"})
     timings = _Timings()
@@ -350,7 +354,7 @@ def _nothing() -> Iterator[None]:
 
 
 async def run(
-    leads: int, sample: int, partitions: int, batch: int, profile: bool
+    leads: int, sample: int, partitions: int, batch: int, consumers: int, profile: bool
 ) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="touchstream-bench-"))
     stack = Stack(root)
@@ -370,8 +374,10 @@ async def run(
         try:
             naive_seconds = await _naive(naive_pool, payloads[: min(sample, leads)])
             publish_seconds = await _publish(kafka, payloads)
-            result = await _production(database_url, kafka, pool, leads, batch, profile, postmaster)
-            result["floor_rate"] = await _floor(kafka, floor_pool, leads, batch)
+            result = await _production(
+                database_url, kafka, pool, leads, batch, consumers, profile, postmaster
+            )
+            result["floor_rate"] = await _floor(kafka, floor_pool, leads, batch, consumers)
             result["naive_rate"] = min(sample, leads) / naive_seconds
             result["publish_rate"] = leads / publish_seconds
         finally:
@@ -394,15 +400,31 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4, help="partitions of lead-routed")
     parser.add_argument("--batch", type=int, default=500, help="consumer max_records")
     parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=CommonSettings.model_fields["kafka_consumer_concurrency"].default,
+        help="partitions applied side by side (KAFKA_CONSUMER_CONCURRENCY)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="time the SQL calls and cProfile the consumer"
     )
     args = parser.parse_args()
-    r = asyncio.run(run(args.leads, args.naive_sample, args.partitions, args.batch, args.profile))
+    r = asyncio.run(
+        run(
+            args.leads,
+            args.naive_sample,
+            args.partitions,
+            args.batch,
+            args.concurrency,
+            args.profile,
+        )
+    )
     rate = args.leads / r["elapsed"]
     steady = r["steady_rate"]
     print(
         f"enrollment intake ({args.leads} LeadRouted on {args.partitions} partitions,"
-        f" consumer batches of up to {args.batch}, one transaction per batch):"
+        f" batches of up to {args.batch}, {args.concurrency} partition(s) applied side by side,"
+        " one transaction per partition of a batch):"
     )
     print(f"  published       : {r['publish_rate']:8.0f} events/s (aiokafka, before consuming)")
     print(

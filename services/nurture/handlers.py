@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -272,43 +273,54 @@ async def enroll(
     """Enroll leads in an active sequence; returns the leads that were enrolled (the
     others are running in it already, or suppressed)."""
     suppressed = await repo.suppressed_leads(conn, tenant_id, [lead_id for lead_id, _ in leads])
-    rows = []
-    ids: dict[uuid.UUID, uuid.UUID] = {}
-    for lead_id, snapshot in leads:
-        if lead_id in suppressed:
-            continue
-        enrollment_id = uuid.uuid4()
-        ids[enrollment_id] = lead_id
-        rows.append(
-            (
-                enrollment_id,
-                tenant_id,
-                lead_id,
-                sequence["id"],
-                sequence["version_id"],
-                sequence["key"],
-                sequence["version"],
-                snapshot,
-                now,
-                now,
-                domain.company_domain(snapshot["email"]),
-            )
-        )
-    created = await repo.insert_enrollments_returning(conn, rows)
-    return {ids[e] for e in created}
+    return await _insert_enrollments(
+        conn,
+        tenant_id,
+        sequence,
+        [
+            (lead_id, snapshot["email"], json.dumps(snapshot))
+            for lead_id, snapshot in leads
+            if lead_id not in suppressed
+        ],
+        now,
+    )
+
+
+async def _insert_enrollments(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    sequence: Mapping[str, Any],
+    leads: Sequence[tuple[uuid.UUID, str, str]],
+    now: datetime,
+) -> set[uuid.UUID]:
+    """Leads as (lead id, email, snapshot as JSON text); returns the leads enrolled."""
+    columns = (
+        [uuid.uuid4() for _ in leads],
+        [lead_id for lead_id, _, _ in leads],
+        [snapshot for _, _, snapshot in leads],
+        [domain.company_domain(email) for _, email, _ in leads],
+    )
+    return set(await repo.insert_enrollments(conn, tenant_id, sequence, *columns, now))
 
 
 async def handle_lead_routed(
     conn: asyncpg.Connection, events: list[LeadRouted], *, now: datetime
 ) -> list[Rejection]:
-    snapshots = {e.event_id: e.lead.model_dump(mode="json") for e in events}
-    await repo.upsert_leads(
+    # The snapshot is serialised once (pydantic's JSON) for both tables; the last
+    # event of a lead in the batch wins, as one statement may touch a row only once.
+    snapshots = {e.event_id: e.lead.model_dump_json() for e in events}
+    latest = {(e.tenant_id, e.lead_id): e for e in events}
+    suppressed = await repo.upsert_leads(
         conn,
-        [(e.tenant_id, e.lead_id, e.lead.email, snapshots[e.event_id], now) for e in events],
+        [e.tenant_id for e in latest.values()],
+        [e.lead_id for e in latest.values()],
+        [e.lead.email for e in latest.values()],
+        [snapshots[e.event_id] for e in latest.values()],
+        now,
     )
     rejections: list[Rejection] = []
     sequences: dict[tuple[str, str], asyncpg.Record | None] = {}
-    batches: dict[tuple[str, str], list[tuple[uuid.UUID, dict[str, Any]]]] = {}
+    batches: dict[tuple[str, str], list[tuple[uuid.UUID, str, str]]] = {}
     for event in events:
         cache_key = (event.tenant_id, event.sequence)
         if cache_key not in sequences:
@@ -326,11 +338,15 @@ async def handle_lead_routed(
                 Rejection(event, f"sequence {event.sequence!r} is {sequence['status']}")
             )
             continue
-        batches.setdefault(cache_key, []).append((event.lead_id, snapshots[event.event_id]))
-    for (tenant_id, _key), leads in batches.items():
-        sequence = sequences[(tenant_id, _key)]
+        if (event.tenant_id, event.lead_id) in suppressed:
+            continue
+        batches.setdefault(cache_key, []).append(
+            (event.lead_id, event.lead.email, snapshots[event.event_id])
+        )
+    for (tenant_id, key), leads in batches.items():
+        sequence = sequences[(tenant_id, key)]
         assert sequence is not None
-        await enroll(conn, tenant_id=tenant_id, sequence=sequence, leads=leads, now=now)
+        await _insert_enrollments(conn, tenant_id, sequence, leads, now)
     return rejections
 
 

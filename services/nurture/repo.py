@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -97,25 +97,40 @@ async def delete_steps(conn: asyncpg.Connection, version_id: uuid.UUID) -> None:
     await conn.execute("DELETE FROM steps WHERE sequence_version_id = $1", version_id)
 
 
-async def insert_enrollments_returning(
-    conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]
+async def insert_enrollments(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    sequence: Mapping[str, Any],
+    ids: Sequence[uuid.UUID],
+    lead_ids: Sequence[uuid.UUID],
+    snapshots: Sequence[str],
+    company_domains: Sequence[str | None],
+    now: datetime,
 ) -> list[uuid.UUID]:
-    """Like insert_enrollments; returns the ids of the enrollments created."""
-    if not rows:
+    """New active enrollments, due now, in one statement (snapshots as JSON text); a
+    lead already running in the sequence is skipped. Returns the leads enrolled."""
+    if not ids:
         return []
-    columns = list(zip(*rows, strict=True))
     records = await conn.fetch(
         "INSERT INTO enrollments (id, tenant_id, lead_id, sequence_id,"
         " sequence_version_id, sequence_key, version, lead, status, next_action_at,"
         " enrolled_at, last_activity_at, company_domain)"
-        " SELECT i, t, l, s, v, k, n, d, 'active', a, e, e, c FROM unnest($1::uuid[],"
-        " $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::int[], $8::jsonb[],"
-        " $9::timestamptz[], $10::timestamptz[], $11::text[]) AS u(i, t, l, s, v, k, n, d, a, e, c)"
+        " SELECT u.i, $1, u.l, $2, $3, $4, $5, u.d::jsonb, 'active', $6, $6, $6, u.c"
+        " FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::text[]) AS u(i, l, d, c)"
         " ON CONFLICT (tenant_id, lead_id, sequence_id)"
-        "   WHERE status IN ('active', 'awaiting_send', 'paused') DO NOTHING RETURNING id",
-        *[list(c) for c in columns],
+        "   WHERE status IN ('active', 'awaiting_send', 'paused') DO NOTHING RETURNING lead_id",
+        tenant_id,
+        sequence["id"],
+        sequence["version_id"],
+        sequence["key"],
+        sequence["version"],
+        now,
+        ids,
+        lead_ids,
+        snapshots,
+        company_domains,
     )
-    return [r["id"] for r in records]
+    return [r[0] for r in records]
 
 
 async def insert_notification(
@@ -350,16 +365,34 @@ async def settings_of_version(
     return value or {}
 
 
-async def upsert_leads(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Rows: (tenant_id, lead_id, email, snapshot, updated_at)."""
-    if rows:
-        await conn.executemany(
-            "INSERT INTO leads (tenant_id, lead_id, email, snapshot, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, lead_id) DO UPDATE"
-            " SET email = excluded.email, snapshot = excluded.snapshot,"
-            " updated_at = excluded.updated_at",
-            rows,
-        )
+async def upsert_leads(
+    conn: asyncpg.Connection,
+    tenant_ids: Sequence[str],
+    lead_ids: Sequence[uuid.UUID],
+    emails: Sequence[str],
+    snapshots: Sequence[str],
+    now: datetime,
+) -> set[tuple[str, uuid.UUID]]:
+    """Record what LeadRouted says of each lead (snapshots as JSON text; each lead
+    once), in one statement; returns the (tenant, lead) pairs that are suppressed."""
+    if not lead_ids:
+        return set()
+    rows = await conn.fetch(
+        "WITH up AS (INSERT INTO leads (tenant_id, lead_id, email, snapshot, updated_at)"
+        " SELECT u.t, u.l, u.e, u.s::jsonb, $5"
+        " FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[]) AS u(t, l, e, s)"
+        " ON CONFLICT (tenant_id, lead_id) DO UPDATE"
+        " SET email = excluded.email, snapshot = excluded.snapshot,"
+        " updated_at = excluded.updated_at"
+        " RETURNING tenant_id, lead_id, suppressed_reason)"
+        " SELECT tenant_id, lead_id FROM up WHERE suppressed_reason IS NOT NULL",
+        tenant_ids,
+        lead_ids,
+        emails,
+        snapshots,
+        now,
+    )
+    return {(r[0], r[1]) for r in rows}
 
 
 async def suppress_lead(

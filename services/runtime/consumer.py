@@ -7,11 +7,19 @@ redelivered ``event_id`` is skipped). Offsets are committed only after that
 transaction commits. Transient failures (database or broker unreachable) are
 retried with backoff and never acked; an event that fails on its own while its
 neighbours succeed is poison and goes to the DLQ with the error.
+
+Each partition is a lane: its batches are applied in order, one transaction at a
+time, and its offset is committed after each one; up to ``concurrency`` lanes
+apply side by side, so PostgreSQL works on one partition's batch while Python
+decodes and prepares another's. A lane whose batch cannot be applied rewinds its
+partition to that batch and drops what it had fetched beyond it. When partitions
+are revoked, their lanes finish the batch in hand, commit, and drop the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
@@ -22,7 +30,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -79,6 +88,31 @@ class _Item:
     reason: str | None = None
 
 
+class _Lane:
+    """One partition's batches, applied in order, one transaction at a time."""
+
+    __slots__ = ("queue", "rewind_to", "task", "tp")
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.queue: deque[list[ConsumerRecord[Any, Any]]] = deque()
+        self.task: asyncio.Task[None] | None = None
+        #: After a failed batch the partition is rewound to its first record; what
+        #: was fetched before the rewind is dropped until that record comes back.
+        self.rewind_to: int | None = None
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, consumer: EventConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.consumer.release(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        return None
+
+
 @dataclass
 class ConsumerStats:
     applied: int = 0
@@ -119,6 +153,8 @@ class EventConsumer:
         dlq_limit_ratio: float = 0.95,
         dlq_limit_window: int = 1000,
         on_fatal: Callable[[BaseException], None] | None = None,
+        concurrency: int = 1,
+        pending_batches: int = 4,
     ) -> None:
         self.service = service
         self.group_id = f"touchstream-{service}"
@@ -131,6 +167,19 @@ class EventConsumer:
         self.on_fatal = on_fatal
         self.stats = ConsumerStats(recent=deque(maxlen=dlq_limit_window))
         self.stopping = False
+        #: Lanes (partitions) applying side by side, each in its own transaction.
+        self.concurrency = max(concurrency, 1)
+        self.max_pending = max(pending_batches, 1) * max_batch
+        self._lanes: dict[TopicPartition, _Lane] = {}
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._pending = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._kafka: AIOKafkaConsumer | None = None
+        self._generation = 0
+        self._offsets: dict[TopicPartition, int] = {}
+        self._commit_wake = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
         self.subscriber = broker.subscriber(
             *handlers.keys(),
             group_id=self.group_id,
@@ -143,30 +192,139 @@ class EventConsumer:
             heartbeat_interval_ms=max(session_timeout_ms // 3, 300),
             # The wrapper decodes records itself (and dead-letters what does not decode).
             decoder=_skip_decoding,
+            listener=_Rebalance(self),
         )
         self.subscriber(self._consume)
 
     async def _consume(self, body: Any, msg: KafkaMessage) -> None:
+        """Hand a fetched batch to its partitions' lanes; return once there is room
+        for more (offsets are committed by the lanes, after each commit in the
+        database)."""
         raw = msg.raw_message
         records: tuple[ConsumerRecord[Any, Any], ...] = raw if isinstance(raw, tuple) else (raw,)
-        try:
-            await self.process(records)
-        except asyncio.CancelledError:
-            await msg.nack()
-            raise
-        except Exception as exc:
-            # Not applied: rewind so the batch is fetched again.
-            self.stats.last_error = repr(exc)
-            log.warning("%s: batch not applied, will retry: %r", self.service, exc)
-            await msg.nack()
+        kafka = msg.consumer
+        if isinstance(kafka, AIOKafkaConsumer):
+            self._kafka = kafka
+        generation = self._generation
+        while self._pending >= self.max_pending and not self.stopping:
+            self._room.clear()
+            await self._room.wait()
+        if self.stopping or generation != self._generation:
+            return  # not committed: whoever owns the partitions now gets them again
+        assigned = self._kafka.assignment() if self._kafka is not None else None
+        groups: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+        for record in records:
+            groups.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
+        for tp, group in groups.items():
+            if assigned is not None and tp not in assigned:
+                continue
+            lane = self._lanes.get(tp)
+            if lane is None:
+                lane = self._lanes[tp] = _Lane(tp)
+            if lane.rewind_to is not None:
+                if group[0].offset != lane.rewind_to:
+                    continue  # fetched before the rewind: it comes again after it
+                lane.rewind_to = None
+            lane.queue.append(group)
+            self._pending += len(group)
+            if lane.task is None or lane.task.done():
+                lane.task = asyncio.create_task(self._run_lane(lane))
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        while lane.queue:
+            group = lane.queue[0]
+            try:
+                await self.process(group)
+            except Exception as exc:
+                # Not applied: rewind the partition so the batch is fetched again.
+                self.stats.last_error = repr(exc)
+                log.warning("%s: batch not applied, will retry: %r", self.service, exc)
+                self._drop(lane, keep=0)
+                if self._lanes.get(lane.tp) is lane and self._kafka is not None:
+                    lane.rewind_to = group[0].offset
+                    with contextlib.suppress(Exception):  # revoked meanwhile: nothing to do
+                        self._kafka.seek(lane.tp, group[0].offset)
+                return
+            if lane.queue and lane.queue[0] is group:
+                lane.queue.popleft()
+                self._release(len(group))
+            self._commit(lane.tp, group[-1].offset + 1)
+            try:
+                self._check_dlq_limit()
+            except DlqLimitExceeded as exc:
+                log.error("%s", exc)
+                if self.on_fatal is not None:
+                    self.on_fatal(exc)
+
+    def _drop(self, lane: _Lane, keep: int) -> None:
+        """Forget a lane's queued batches but the first ``keep``."""
+        while len(lane.queue) > keep:
+            self._release(len(lane.queue.pop()))
+
+    def _release(self, count: int) -> None:
+        self._pending -= count
+        if self._pending < self.max_pending:
+            self._room.set()
+
+    def _commit(self, tp: TopicPartition, offset: int) -> None:
+        self._offsets[tp] = offset
+        self._commit_wake.set()
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop())
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wake.wait()
+            self._commit_wake.clear()
+            await self._flush_offsets()
+
+    async def _flush_offsets(self) -> None:
+        """Commit the offsets of applied batches (one request for every lane)."""
+        if not self._offsets or self._kafka is None:
             return
-        await msg.ack()
+        offsets, self._offsets = self._offsets, {}
+        assigned = self._kafka.assignment()
+        offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not offsets:
+            return
         try:
-            self._check_dlq_limit()
-        except DlqLimitExceeded as exc:
-            log.error("%s", exc)
-            if self.on_fatal is not None:
-                self.on_fatal(exc)
+            await self._kafka.commit(offsets)
+        except KafkaError as exc:
+            # Applied in the database: a redelivery is skipped by the inbox.
+            log.warning("%s: offset commit failed: %r", self.service, exc)
+
+    async def release(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions are being revoked: finish the batch in hand, commit, drop the rest."""
+        self._generation += 1
+        running: list[asyncio.Task[None]] = []
+        for tp in partitions:
+            lane = self._lanes.pop(tp, None)
+            if lane is None:
+                continue
+            self._drop(lane, keep=1 if lane.task is not None and not lane.task.done() else 0)
+            if lane.task is not None and not lane.task.done():
+                running.append(lane.task)
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        await self._flush_offsets()
+
+    async def close(self, timeout: float = 15.0) -> None:
+        """Stop taking batches, finish those in hand, commit their offsets."""
+        self.stopping = True
+        self._room.set()
+        for lane in self._lanes.values():
+            self._drop(lane, keep=1 if lane.task is not None and not lane.task.done() else 0)
+        running = [
+            lane.task
+            for lane in self._lanes.values()
+            if lane.task is not None and not lane.task.done()
+        ]
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_offsets(), timeout)
+        if self._committer is not None:
+            self._committer.cancel()
 
     async def process(self, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
         """Apply one batch. Returns when it is committed in the database and every
@@ -181,7 +339,10 @@ class EventConsumer:
         while True:
             attempt += 1
             try:
-                dead += await self._apply(valid)
+                # Decoding above and backoff below happen outside the slot: only the
+                # transactions count against ``concurrency``.
+                async with self._slots:
+                    dead += await self._apply(valid)
                 break
             except Exception as exc:
                 if self.stopping:
@@ -190,7 +351,8 @@ class EventConsumer:
                     log.warning("%s: transient failure, retrying: %r", self.service, exc)
                 elif len(valid) > 1:
                     log.warning("%s: batch failed, isolating events: %r", self.service, exc)
-                    dead += await self._apply_one_by_one(valid)
+                    async with self._slots:
+                        dead += await self._apply_one_by_one(valid)
                     break
                 elif attempt >= 3 and valid:
                     valid[0].reason = f"handler error: {exc!r}"

@@ -153,6 +153,7 @@ class Service(Generic[S]):
                 dlq_limit_ratio=settings.dlq_limit_ratio,
                 dlq_limit_window=settings.dlq_limit_window,
                 on_fatal=self._on_fatal,
+                concurrency=settings.kafka_consumer_concurrency,
             )
         await self.on_started()
         try:
@@ -211,7 +212,8 @@ class Service(Generic[S]):
         """Graceful shutdown: stop taking work, finish what is in hand, close."""
         self.stop_event.set()
         if self.consumer is not None:
-            self.consumer.stopping = True
+            with contextlib.suppress(Exception):
+                await self.consumer.close()
         if self._broker is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._broker.stop(), 15)

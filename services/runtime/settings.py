@@ -30,6 +30,10 @@ class CommonSettings(BaseSettings):
         default=10_000, ge=1_000, validation_alias="KAFKA_SESSION_TIMEOUT_MS"
     )
     kafka_max_batch: int = Field(default=500, ge=1, validation_alias="KAFKA_MAX_BATCH")
+    #: Partitions of a fetched batch applied side by side, each in its own transaction.
+    kafka_consumer_concurrency: int = Field(
+        default=2, ge=1, le=64, validation_alias="KAFKA_CONSUMER_CONCURRENCY"
+    )
     topic_partitions: int = Field(default=6, ge=1, validation_alias="TOUCHSTREAM_TOPIC_PARTITIONS")
     topic_replication: int = Field(
         default=1, ge=1, validation_alias="TOUCHSTREAM_TOPIC_REPLICATION"
