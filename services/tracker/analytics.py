@@ -1,6 +1,7 @@
 """Analytics from the tracker's own data: per sequence, step and variant — sent,
-delivered, opened (human and machine), clicked, replied, bounced, unsubscribed,
-complained; rates; a two-proportion test between variants; a daily series; CSV."""
+delivered, opened and clicked (human and machine), replied, bounced (refused outright
+included), delayed, unsubscribed, complained; rates; a two-proportion test between
+variants; a daily series; CSV."""
 
 from __future__ import annotations
 
@@ -23,61 +24,110 @@ COUNTS = (
     "opened",
     "machine_opened",
     "clicked",
+    "machine_clicked",
     "replied",
     "bounced",
     "hard_bounced",
+    "rejected",
+    "delayed",
     "unsubscribed",
     "complained",
     "auto_replied",
 )
 
-#: Per message: what happened to it (each message counts once per kind).
+#: Per (step, variant): what happened to each message (each counts once per kind).
+#: The sequence's messages are chosen first and only their events are read.
+#: A message counts as ``opened``/``clicked`` when a person did it; ``machine_opened`` /
+#: ``machine_clicked`` when only machines did. A delivery the server refused outright
+#: (``rejections``) was sent and bounced (``rejected``); when its step has no other
+#: sign of its variant it counts under no variant. ``delayed``: a delay notice came.
 _PER_MESSAGE = """
-WITH e AS (
-    SELECT message_id,
-        bool_or(type = 'delivered') AS delivered,
-        bool_or(type = 'opened' AND NOT machine) AS opened,
-        bool_or(type = 'opened' AND machine) AS machine_opened,
-        bool_or(type = 'clicked' AND NOT machine) AS clicked,
-        bool_or(type = 'replied') AS replied,
-        bool_or(type = 'bounced') AS bounced,
-        bool_or(type = 'bounced' AND coalesce(detail->>'bounce_type', 'hard') = 'hard')
-            AS hard_bounced,
-        bool_or(type = 'unsubscribed') AS unsubscribed,
-        bool_or(type = 'complained') AS complained,
-        bool_or(type = 'auto_replied') AS auto_replied
-    FROM engagement_events WHERE tenant_id = $1 GROUP BY message_id
+WITH m AS MATERIALIZED (
+    SELECT message_id, delivery_key, sequence_id, step_id, step_index,
+        coalesce(variant, '') AS variant
+    FROM messages
+    WHERE tenant_id = $1 AND sequence_key = $2 AND NOT dry_run
+      AND ($3::int IS NULL OR sequence_version = $3)
+),
+e AS (
+    SELECT ev.message_id,
+        bool_or(ev.type = 'delivered') AS delivered,
+        bool_or(ev.type = 'opened' AND NOT ev.machine) AS opened,
+        bool_or(ev.type = 'opened' AND ev.machine) AS machine_opened,
+        bool_or(ev.type = 'clicked' AND NOT ev.machine) AS clicked,
+        bool_or(ev.type = 'clicked' AND ev.machine) AS machine_clicked,
+        bool_or(ev.type = 'replied') AS replied,
+        bool_or(ev.type = 'bounced') AS bounced,
+        bool_or(ev.type = 'bounced'
+            AND coalesce(ev.detail->>'bounce_type', 'hard') = 'hard') AS hard_bounced,
+        bool_or(ev.type = 'delayed') AS delayed,
+        bool_or(ev.type = 'unsubscribed') AS unsubscribed,
+        bool_or(ev.type = 'complained') AS complained,
+        bool_or(ev.type = 'auto_replied') AS auto_replied
+    FROM engagement_events ev JOIN m ON m.message_id = ev.message_id
+    GROUP BY ev.message_id
+),
+r AS (
+    SELECT delivery_key, step_index, bounce_type FROM rejections
+    WHERE tenant_id = $1 AND sequence_id IN (SELECT sequence_id FROM m)
+      AND ($3::int IS NULL OR step_id IN (SELECT step_id FROM m))
+),
+d AS (
+    SELECT m.step_index, m.variant, e.delivered, e.opened, e.machine_opened, e.clicked,
+        e.machine_clicked, e.replied, e.bounced, e.hard_bounced, e.delayed, e.unsubscribed,
+        e.complained, e.auto_replied, r.delivery_key IS NOT NULL AS rejected,
+        r.bounce_type AS rejected_as
+    FROM m LEFT JOIN e ON e.message_id = m.message_id
+        LEFT JOIN r ON r.delivery_key = m.delivery_key
+    UNION ALL
+    SELECT r.step_index, '', false, false, false, false, false, false, false, false, false,
+        false, false, false, true, r.bounce_type
+    FROM r WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.delivery_key = r.delivery_key)
 )
-SELECT m.step_index, coalesce(m.variant, '') AS variant,
+SELECT step_index, variant,
     count(*) AS sent,
-    count(*) FILTER (WHERE e.delivered) AS delivered,
-    count(*) FILTER (WHERE e.opened) AS opened,
-    count(*) FILTER (WHERE e.machine_opened AND NOT coalesce(e.opened, false)) AS machine_opened,
-    count(*) FILTER (WHERE e.clicked) AS clicked,
-    count(*) FILTER (WHERE e.replied) AS replied,
-    count(*) FILTER (WHERE e.bounced) AS bounced,
-    count(*) FILTER (WHERE e.hard_bounced) AS hard_bounced,
-    count(*) FILTER (WHERE e.unsubscribed) AS unsubscribed,
-    count(*) FILTER (WHERE e.complained) AS complained,
-    count(*) FILTER (WHERE e.auto_replied) AS auto_replied
-FROM messages m LEFT JOIN e ON e.message_id = m.message_id
-WHERE m.tenant_id = $1 AND m.sequence_key = $2 AND NOT m.dry_run
-  AND ($3::int IS NULL OR m.sequence_version = $3)
-GROUP BY m.step_index, coalesce(m.variant, '')
-ORDER BY m.step_index, variant
+    count(*) FILTER (WHERE delivered) AS delivered,
+    count(*) FILTER (WHERE opened) AS opened,
+    count(*) FILTER (WHERE machine_opened AND NOT coalesce(opened, false)) AS machine_opened,
+    count(*) FILTER (WHERE clicked) AS clicked,
+    count(*) FILTER (WHERE machine_clicked AND NOT coalesce(clicked, false)) AS machine_clicked,
+    count(*) FILTER (WHERE replied) AS replied,
+    count(*) FILTER (WHERE bounced OR rejected) AS bounced,
+    count(*) FILTER (WHERE hard_bounced OR rejected_as = 'hard') AS hard_bounced,
+    count(*) FILTER (WHERE rejected) AS rejected,
+    count(*) FILTER (WHERE delayed) AS delayed,
+    count(*) FILTER (WHERE unsubscribed) AS unsubscribed,
+    count(*) FILTER (WHERE complained) AS complained,
+    count(*) FILTER (WHERE auto_replied) AS auto_replied
+FROM d
+GROUP BY step_index, variant
+ORDER BY step_index, variant
 """
 
+#: Per day: messages sent (refused ones included) and, per kind, messages with a
+#: person's engagement (or a bounce, a delay...) that day.
 _DAILY = """
-SELECT day, kind, n FROM (
-    SELECT date_trunc('day', m.sent_at) AS day, 'sent' AS kind, count(*) AS n
-    FROM messages m WHERE m.tenant_id = $1 AND m.sequence_key = $2 AND NOT m.dry_run
-      AND m.sent_at >= $3 GROUP BY 1
+WITH m AS MATERIALIZED (
+    SELECT message_id, delivery_key, sequence_id, sent_at FROM messages
+    WHERE tenant_id = $1 AND sequence_key = $2 AND NOT dry_run
+),
+r AS (
+    SELECT delivery_key, occurred_at FROM rejections
+    WHERE tenant_id = $1 AND sequence_id IN (SELECT sequence_id FROM m) AND occurred_at >= $3
+)
+SELECT day, kind, count(DISTINCT delivery_key) AS n FROM (
+    SELECT date_trunc('day', m.sent_at) AS day, 'sent' AS kind, m.delivery_key
+    FROM m WHERE m.sent_at >= $3
     UNION ALL
-    SELECT date_trunc('day', e.occurred_at), e.type, count(DISTINCT e.message_id)
-    FROM engagement_events e JOIN messages m ON m.message_id = e.message_id
-    WHERE e.tenant_id = $1 AND m.sequence_key = $2 AND NOT m.dry_run AND NOT e.machine
-      AND e.occurred_at >= $3 GROUP BY 1, 2
-) t ORDER BY day, kind
+    SELECT date_trunc('day', r.occurred_at), 'sent', r.delivery_key
+    FROM r WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.delivery_key = r.delivery_key)
+    UNION ALL
+    SELECT date_trunc('day', r.occurred_at), 'bounced', r.delivery_key FROM r
+    UNION ALL
+    SELECT date_trunc('day', e.occurred_at), e.type, m.delivery_key
+    FROM engagement_events e JOIN m ON m.message_id = e.message_id
+    WHERE e.tenant_id = $1 AND NOT e.machine AND e.occurred_at >= $3
+) t GROUP BY day, kind ORDER BY day, kind
 """
 
 

@@ -60,7 +60,9 @@ class TrackerService(Service[TrackerSettings]):
         self.fetch_certificate: Callable[[str], Awaitable[bytes]] = fetch_sns_certificate
         #: How an SNS subscription is confirmed (GET the SubscribeURL); injectable too.
         self.confirm_subscription: Callable[[str], Awaitable[None]] = self._confirm
-        self.sns = webhooks.SnsVerifier(s.ses_topics(), self._fetch_certificate)
+        self.sns = webhooks.SnsVerifier(
+            s.ses_topics(), self._fetch_certificate, tolerance=s.webhook_tolerance_seconds
+        )
 
     async def _fetch_certificate(self, url: str) -> bytes:
         return await self.fetch_certificate(url)
@@ -80,10 +82,16 @@ class TrackerService(Service[TrackerSettings]):
 
     async def housekeeping(self, stop: asyncio.Event) -> None:
         """Forget webhook tokens older than the replay window (a replay is refused by
-        its timestamp then)."""
+        its timestamp then); give up on parked replies no message has claimed."""
         while not stop.is_set():
             try:
                 await repo.prune_tokens(self.pool, 2 * self.settings.webhook_tolerance_seconds)
+                async with self.pool.acquire() as conn, conn.transaction():
+                    expired = await repo.expire_parked_replies(
+                        conn, self.clock.now() - domain.PARKED_REPLY_TTL
+                    )
+                if expired:
+                    log.info("housekeeping: %d parked replies expired unattributed", expired)
             except Exception as exc:
                 log.warning("housekeeping: %r", exc)
             with contextlib.suppress(TimeoutError):
@@ -229,31 +237,22 @@ class TrackerService(Service[TrackerSettings]):
                 raise HTTPException(404, NOT_FOUND)
             url = links[claims.link]
             now = self.clock.now()
-            async with self.pool.acquire() as conn:
-                just_before = await repo.recent_clicks(
-                    conn, message["message_id"], now - machine.CLICK_BURST
+            async with self.pool.acquire() as conn, conn.transaction():
+                event = await handlers.record_click(
+                    conn,
+                    message,
+                    url=url,
+                    occurred_at=now,
+                    source="click",
+                    dedupe_key=domain.click_dedupe_key(claims.message_id, claims.link, now),
+                    user_agent=request.headers.get("user-agent"),
+                    ip=_client_ip(request),
+                    method=request.method,
+                    first_party=True,
+                    detail={"user_agent": request.headers.get("user-agent", "")[:300]},
                 )
-            verdict = machine.classify_click(
-                user_agent=request.headers.get("user-agent"),
-                ip=_client_ip(request),
-                sent_at=message["sent_at"],
-                at=now,
-                method=request.method,
-                clicks_just_before=just_before,
-            )
-            await self._record(
-                message,
-                EngagementType.CLICKED,
-                source="click",
-                url=url,
-                machine=verdict.machine,
-                dedupe_key=domain.click_dedupe_key(claims.message_id, claims.link, now)
-                + (":machine" if verdict.machine else ""),
-                detail={
-                    "user_agent": request.headers.get("user-agent", "")[:300],
-                    **({"machine_reason": verdict.reason} if verdict.reason else {}),
-                },
-            )
+            if event is not None:
+                self.wake_relay()
             return RedirectResponse(url, status_code=302)
 
         @app.get("/u/{token}", tags=["tracking"], response_class=HTMLResponse)
@@ -326,11 +325,11 @@ class TrackerService(Service[TrackerSettings]):
             content_type = request.headers.get("content-type", "")
             try:
                 signature = webhooks.mailgun_route_signature(body, content_type)
-                await self._verify_mailgun(key.get_secret_value(), signature)
+                self._verify_mailgun(key.get_secret_value(), signature)
                 webhooks.inbound_from_mailgun_route(body, content_type)
             except webhooks.WebhookRejected as exc:
                 raise self._reject(exc) from exc
-            return await self._publish_webhook("inbound-mailgun", request, body)
+            return await self._publish_mailgun("inbound-mailgun", request, body, signature)
 
         # -------------------------------------------------------- provider events
 
@@ -364,10 +363,10 @@ class TrackerService(Service[TrackerSettings]):
             body = await self._read_limited(request)
             try:
                 signature, _events = webhooks.parse_mailgun(body)
-                await self._verify_mailgun(key.get_secret_value(), signature)
+                self._verify_mailgun(key.get_secret_value(), signature)
             except webhooks.WebhookRejected as exc:
                 raise self._reject(exc) from exc
-            return await self._publish_webhook("mailgun", request, body)
+            return await self._publish_mailgun("mailgun", request, body, signature)
 
         @app.post("/webhooks/postmark", tags=["webhooks"])
         async def postmark(request: Request) -> dict[str, Any]:
@@ -422,7 +421,7 @@ class TrackerService(Service[TrackerSettings]):
 
         analytics.install(app, self)
 
-    async def _verify_mailgun(self, key: str, signature: dict[str, str]) -> None:
+    def _verify_mailgun(self, key: str, signature: dict[str, str]) -> None:
         webhooks.verify_mailgun(
             key,
             signature.get("timestamp", ""),
@@ -431,10 +430,21 @@ class TrackerService(Service[TrackerSettings]):
             now=time.time(),
             tolerance=self.settings.webhook_tolerance_seconds,
         )
-        if await repo.seen_token(
-            self.pool, "mailgun", webhooks.mailgun_token_key(signature.get("token", ""))
-        ):
-            raise webhooks.WebhookRejected(403, "replayed webhook token")
+
+    async def _publish_mailgun(
+        self, provider: str, request: Request, body: bytes, signature: dict[str, str]
+    ) -> dict[str, Any]:
+        """Use the (verified) token once, then publish. If publishing fails the token is
+        released: Mailgun retries a failed request with the same token, and that retry
+        must be accepted, not refused as a replay."""
+        token = webhooks.mailgun_token_key(signature.get("token", ""))
+        if await repo.seen_token(self.pool, "mailgun", token):
+            raise HTTPException(403, "replayed webhook token")
+        try:
+            return await self._publish_webhook(provider, request, body)
+        except BaseException:
+            await asyncio.shield(repo.forget_token(self.pool, "mailgun", token))
+            raise
 
 
 def _client_ip(request: Request) -> str | None:

@@ -17,6 +17,7 @@ from schemas.events import (
     EmailSent,
     EngagementReceived,
     EngagementType,
+    FailureKind,
     WebhookReceived,
 )
 from services.runtime.consumer import Rejection
@@ -98,12 +99,156 @@ async def record_engagement(
     return event
 
 
+async def record_delay(
+    conn: asyncpg.Connection,
+    message: asyncpg.Record,
+    *,
+    source: str,
+    dedupe_key: str,
+    occurred_at: datetime,
+    provider_event_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> bool:
+    """Keep a delay notice (a DSN ``Action: delayed``, a provider's deferral) in the
+    tracker's own records. It emits nothing: the remote side is still trying to deliver,
+    so it is no bounce, and sending the message again would deliver it twice."""
+    return await repo.insert_engagement(
+        conn,
+        event_id=uuid.uuid4(),
+        dedupe_key=dedupe_key,
+        tenant_id=message["tenant_id"],
+        message_id=message["message_id"],
+        lead_id=message["lead_id"],
+        type_=domain.DELAYED,
+        source=source,
+        machine=False,
+        occurred_at=occurred_at,
+        detail=dict(detail or {}),
+        provider=source,
+        provider_event_id=provider_event_id,
+    )
+
+
+async def record_click(
+    conn: asyncpg.Connection,
+    message: asyncpg.Record,
+    *,
+    url: str | None,
+    occurred_at: datetime,
+    source: str,
+    dedupe_key: str,
+    user_agent: str | None,
+    ip: str | None,
+    method: str = "GET",
+    first_party: bool = False,
+    provider_event_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> EngagementReceived | None:
+    """Classify and record a click; when this click shows a burst, the clicks of that
+    burst already taken for a person's are flagged as machine too (in the tracker's
+    records: what was emitted for them stands).
+
+    First-party clicks of one message are handled one at a time, so a scanner's parallel
+    requests see each other. Provider events need no lock: one consumer applies a
+    provider's events in order (they share a partition), and a batch holding a lock per
+    message could exhaust PostgreSQL's lock table."""
+    message_id = message["message_id"]
+    if first_party:
+        await repo.lock_message_clicks(conn, message_id)
+    other_links, delivered_at = await repo.click_context(
+        conn, message_id, url, occurred_at, machine.CLICK_BURST
+    )
+    verdict = machine.classify_click(
+        user_agent=user_agent,
+        ip=ip,
+        sent_at=message["sent_at"],
+        at=occurred_at,
+        method=method,
+        other_links_nearby=other_links,
+        delivered_at=delivered_at,
+    )
+    stored = dict(detail or {})
+    if verdict.reason:
+        stored["machine_reason"] = verdict.reason
+    event = await record_engagement(
+        conn,
+        message,
+        EngagementType.CLICKED,
+        source=source,
+        # First-party clicks dedupe by link and minute: a machine's click must not hide
+        # a person's click of the same link in that minute.
+        dedupe_key=dedupe_key + (":machine" if first_party and verdict.machine else ""),
+        occurred_at=occurred_at,
+        url=url,
+        machine=verdict.machine,
+        provider_event_id=provider_event_id,
+        detail=stored,
+    )
+    if event is not None and other_links:
+        await repo.reflag_burst_clicks(
+            conn, message_id, occurred_at, machine.CLICK_BURST, machine.BURST_REASON
+        )
+    return event
+
+
+async def record_rejection(
+    conn: asyncpg.Connection, event: EmailFailed
+) -> EngagementReceived | None:
+    """A server refused the delivery outright. Kept once per delivery key (a bounce of
+    its step in analytics); a hard one is emitted as a hard bounce, attributed to the
+    lead, enrollment and step, so the lead is invalidated and the address suppressed.
+    Soft and policy refusals are kept, never emitted: they say nothing against the
+    address, and the sender already decided not to try again."""
+    if event.failure is not FailureKind.PERMANENT:
+        return None
+    bounce_type = domain.rejection_bounce_type(event)
+    if not await repo.insert_rejection(conn, event, bounce_type.value if bounce_type else None):
+        return None
+    if bounce_type is not BounceType.HARD:
+        return None
+    # A soft-bounced message sent again is registered under the same delivery key.
+    message = await repo.message_by_delivery_key(conn, event.delivery_key)
+    engagement = EngagementReceived(
+        tenant_id=event.tenant_id,
+        occurred_at=event.occurred_at,
+        engagement_type=EngagementType.BOUNCED,
+        lead_id=event.lead_id,
+        enrollment_id=event.enrollment_id,
+        sequence_id=event.sequence_id,
+        sequence_key=message["sequence_key"] if message else None,
+        sequence_version=message["sequence_version"] if message else None,
+        step_id=event.step_id,
+        step_index=event.step_index,
+        variant=message["variant"] if message else None,
+        delivery_key=event.delivery_key,
+        message_id=message["message_id"] if message else None,
+        email=event.to_email.lower(),
+        source="smtp",
+        bounce_type=BounceType.HARD,
+        detail={
+            "rejected": True,
+            "status": event.enhanced_status,
+            "smtp_code": event.smtp_code,
+            "reason": event.reason[:2000],
+        },
+    )
+    await enqueue(conn, topics.ENGAGEMENT, engagement)
+    return engagement
+
+
 async def handle_email_outcome(
     conn: asyncpg.Connection, events: list[EmailSent | EmailFailed], *, now: datetime
 ) -> None:
     sent = [e for e in events if isinstance(e, EmailSent)]
-    if not sent:
-        return
+    if sent:
+        await _register_sent(conn, sent)
+    for failed in events:
+        if isinstance(failed, EmailFailed):
+            await record_rejection(conn, failed)
+
+
+async def _register_sent(conn: asyncpg.Connection, sent: list[EmailSent]) -> None:
+    """Register sent messages; replies parked while waiting for them are taken now."""
     await repo.register_messages(conn, sent)
     for parked in await repo.take_parked_replies(conn, [e.message_id for e in sent]):
         message = await repo.first_message_of(conn, parked["referenced"])
@@ -128,8 +273,9 @@ async def process_inbound(
     message: asyncpg.Record | None = None,
     source: str = "inbound",
 ) -> None:
-    """A bounce, an automatic answer, or a person's reply (maybe asking to be
-    removed), attributed to the message it answers."""
+    """A bounce (or a delay notice), an automatic answer, or a person's reply (maybe
+    asking to be removed), attributed to the message it answers."""
+    inbound = domain.parse_inbound(raw)
     bounce = mailparse.parse_bounce(raw)
     if bounce is not None:
         target = message or await repo.message_for_event(
@@ -149,39 +295,51 @@ async def process_inbound(
                 {"status": bounce.status, "diagnostic": bounce.diagnostic},
             )
             return
+        report = {
+            "status": bounce.status,
+            "action": bounce.action,
+            "diagnostic": bounce.diagnostic,
+            "remote_mta": bounce.remote_mta,
+            "recipient": bounce.recipient,
+            "report_message_id": inbound.message_id,
+            "report": bounce.raw_report[:20_000],
+        }
+        if not bounce.final:
+            await record_delay(
+                conn,
+                target,
+                source=source,
+                dedupe_key=domain.delay_dedupe_key(target["message_id"], inbound.reply_key),
+                occurred_at=received_at,
+                detail=report,
+            )
+            return
         await record_engagement(
             conn,
             target,
             EngagementType.BOUNCED,
             source=source,
-            dedupe_key=f"bounce:{target['message_id']}:{bounce.kind}:{bounce.status}",
+            dedupe_key=domain.bounce_dedupe_key(target["message_id"], inbound.reply_key),
             occurred_at=received_at,
             bounce_type=BounceType(bounce.kind),
-            detail={
-                "status": bounce.status,
-                "action": bounce.action,
-                "diagnostic": bounce.diagnostic,
-                "remote_mta": bounce.remote_mta,
-                "recipient": bounce.recipient,
-                "report": bounce.raw_report[:20_000],
-            },
+            detail=report,
         )
         return
 
-    inbound = domain.parse_inbound(raw)
     target = message or await repo.first_message_of(conn, inbound.referenced)
-    if target is None and not inbound.referenced and inbound.from_email:
-        # No thread headers: the latest message we sent to the sender.
-        target = await repo.message_for_event(
-            conn,
-            delivery_key=None,
-            message_id=None,
-            provider_message_id=None,
-            email=inbound.from_email,
+    matched_by = "thread" if target is not None else None
+    if target is None and inbound.from_email:
+        # The thread headers name nothing of ours (or there are none): the latest message
+        # we sent to the sender, in the tenant whose mailbox it was sent to.
+        target = domain.choose_reply_target(
+            await repo.latest_messages_to(conn, inbound.from_email, inbound.recipients),
+            inbound.recipients,
         )
+        matched_by = "address" if target is not None else None
     if target is None:
         if inbound.referenced:
-            # The message it answers may not be registered yet; keep it until it is.
+            # The message it answers may not be registered yet; keep it until it is
+            # (or until it expires, domain.PARKED_REPLY_TTL).
             await repo.park_reply(
                 conn,
                 inbound.reply_key,
@@ -201,6 +359,8 @@ async def process_inbound(
         "from": inbound.from_email,
         "subject": inbound.subject,
     }
+    if matched_by is not None:
+        detail["matched_by"] = matched_by
     auto = mailparse.classify_auto_reply(raw, received_at=received_at)
     if auto is not None:
         await record_engagement(
@@ -259,7 +419,7 @@ async def apply_provider_events(
     conn: asyncpg.Connection, events: list[webhooks.NormalizedEvent]
 ) -> None:
     """Attribute a batch of provider events in bulk, then record each once."""
-    wanted = [e for e in events if e.type in _PROVIDER_TYPES]
+    wanted = [e for e in events if e.type in _PROVIDER_TYPES or e.type == "deferred"]
     if not wanted:
         return
     by_key, by_id, by_provider, by_email = await repo.messages_for_events(
@@ -299,7 +459,33 @@ async def apply_provider_events(
 async def _apply_provider_event(
     conn: asyncpg.Connection, normalized: webhooks.NormalizedEvent, target: asyncpg.Record
 ) -> None:
+    dedupe_key = f"{normalized.provider}:{normalized.provider_event_id}"
+    if normalized.type == "deferred":
+        await record_delay(
+            conn,
+            target,
+            source=normalized.provider,
+            dedupe_key=dedupe_key,
+            occurred_at=normalized.occurred_at,
+            provider_event_id=normalized.provider_event_id,
+            detail=normalized.detail,
+        )
+        return
     engagement_type = _PROVIDER_TYPES[normalized.type]
+    if engagement_type is EngagementType.CLICKED:
+        await record_click(
+            conn,
+            target,
+            url=normalized.url,
+            occurred_at=normalized.occurred_at,
+            source=normalized.provider,
+            dedupe_key=dedupe_key,
+            user_agent=normalized.user_agent,
+            ip=normalized.ip,
+            provider_event_id=normalized.provider_event_id,
+            detail=normalized.detail,
+        )
+        return
     is_machine = False
     reason: str | None = None
     if engagement_type is EngagementType.OPENED:
@@ -314,17 +500,6 @@ async def _apply_provider_event(
             )
         )
         is_machine, reason = verdict.machine, verdict.reason
-    elif engagement_type is EngagementType.CLICKED:
-        verdict = machine.classify_click(
-            user_agent=normalized.user_agent,
-            ip=normalized.ip,
-            sent_at=target["sent_at"],
-            at=normalized.occurred_at,
-            clicks_just_before=await repo.recent_clicks(
-                conn, target["message_id"], normalized.occurred_at - machine.CLICK_BURST
-            ),
-        )
-        is_machine, reason = verdict.machine, verdict.reason
     bounce_type = None
     if engagement_type is EngagementType.BOUNCED:
         bounce_type = BounceType(normalized.bounce_type or "hard")
@@ -336,7 +511,7 @@ async def _apply_provider_event(
         target,
         engagement_type,
         source=normalized.provider,
-        dedupe_key=f"{normalized.provider}:{normalized.provider_event_id}",
+        dedupe_key=dedupe_key,
         occurred_at=normalized.occurred_at,
         url=normalized.url,
         machine=is_machine,

@@ -26,10 +26,13 @@ _SCANNER_AGENTS = re.compile(
 
 #: An open this soon after the hand-off was not a person reading.
 OPEN_TOO_SOON = timedelta(seconds=2)
-#: A click this soon after the hand-off was a scanner.
+#: A click this soon after delivery (the hand-off, or the provider's delivery report when
+#: that came later) was a scanner: gateways follow the links as the message arrives.
 CLICK_TOO_SOON = timedelta(seconds=10)
-#: Several links clicked within this span: a scanner walking the links.
+#: Several distinct links clicked within this span of each other: a scanner walking the
+#: links. (The same link twice is a person double-clicking, not a burst.)
 CLICK_BURST = timedelta(seconds=2)
+BURST_REASON = "several links clicked at once"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +76,12 @@ def classify_click(
     sent_at: datetime | None,
     at: datetime,
     method: str = "GET",
-    clicks_just_before: int = 0,
+    other_links_nearby: int = 0,
+    delivered_at: datetime | None = None,
 ) -> Verdict:
+    """``other_links_nearby``: distinct other links of the message clicked within
+    :data:`CLICK_BURST` of this click; ``delivered_at``: when a provider reported the
+    message delivered, if it did."""
     agent = (user_agent or "").strip()
     if method.upper() == "HEAD":
         return Verdict(True, "HEAD request: a link checker")
@@ -82,10 +89,11 @@ def classify_click(
         return Verdict(True, "no user agent")
     if _SCANNER_AGENTS.search(agent):
         return Verdict(True, f"security scanner: {agent[:60]}")
-    if sent_at is not None and at - sent_at < CLICK_TOO_SOON:
+    arrived = max((t for t in (sent_at, delivered_at) if t is not None), default=None)
+    if arrived is not None and at - arrived < CLICK_TOO_SOON:
         return Verdict(True, "clicked right after delivery")
-    if clicks_just_before >= 1:
-        return Verdict(True, "several links clicked at once")
+    if other_links_nearby >= 1:
+        return Verdict(True, BURST_REASON)
     return HUMAN
 
 

@@ -2,7 +2,8 @@
 
 * :func:`parse_bounce`: delivery status notifications (RFC 3464 ``multipart/report;
   report-type=delivery-status``) and the older plain-text bounces (qmail, Exim, Sendmail,
-  Exchange, Gmail), classified hard / soft / policy (:func:`classify_bounce`).
+  Exchange, Gmail), classified hard / soft / policy (:func:`classify_bounce`), or
+  ``delayed`` for a delay notice: the remote MTA is still trying, nothing has failed yet.
 * :func:`classify_auto_reply`: RFC 3834 automatic replies, out-of-office notices in several
   languages, with the stated return date (:func:`parse_return_date`).
 * :func:`reply_text`: what the person wrote, without quoted history or signature.
@@ -33,6 +34,7 @@ from email.message import Message
 from email.utils import getaddresses
 
 __all__ = [
+    "DELAYED",
     "AutoReply",
     "Bounce",
     "classify_auto_reply",
@@ -44,9 +46,13 @@ __all__ = [
 ]
 
 
+#: The kind of a delay notice (DSN ``Action: delayed``): not a bounce.
+DELAYED = "delayed"
+
+
 @dataclass(frozen=True, slots=True)
 class Bounce:
-    kind: str  # "hard" | "soft" | "policy"
+    kind: str  # "hard" | "soft" | "policy" for a failure; "delayed" for a delay notice
     status: str | None  # enhanced status code, e.g. "5.1.1"
     action: str | None  # DSN Action: failed / delayed (inferred for plain-text bounces)
     diagnostic: str | None  # Diagnostic-Code as given, unfolded
@@ -54,6 +60,12 @@ class Bounce:
     original_message_id: str | None  # "<...>" of the message that bounced
     remote_mta: str | None
     raw_report: str  # the message/delivery-status text, or the human text of a plain bounce
+
+    @property
+    def final(self) -> bool:
+        """A delivery failure; False for a delay notice (the remote MTA keeps trying, so
+        the message may still arrive: it is not a bounce and must not be sent again)."""
+        return self.kind != DELAYED
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,15 +355,16 @@ def _kind_for_permanent(subject: int, detail: int, text: str) -> str:
 
 
 def classify_bounce(action: str | None, status: str | None, diagnostic: str | None) -> str:
-    """hard / soft / policy for one failed recipient.
+    """hard / soft / policy for one failed recipient; ``delayed`` for a delay notice.
 
-    ``delayed`` is soft whatever the code; 4.X.Y is soft (also when the MTA gave up on it:
-    the address was not shown to be bad); 5.X.Y follows :func:`_kind_for_permanent`; with no
+    Action ``delayed`` is a delay notice whatever the code: the reporting MTA is still
+    retrying, nothing failed. For a failure, 4.X.Y is soft (the MTA gave up on it, but the
+    address was not shown to be bad); 5.X.Y follows :func:`_kind_for_permanent`; with no
     enhanced code, the basic SMTP code's class and the diagnostic's words decide, and a
     permanent failure that says nothing more is hard."""
     text = diagnostic or ""
     if action and action.strip().lower().startswith("delayed"):
-        return "soft"
+        return DELAYED
     found = _ENHANCED.search(status or "") or _ENHANCED_FAILURE.search(text)
     if found:
         klass, subject, detail = found.group(1), int(found.group(2)), int(found.group(3))
@@ -495,16 +508,20 @@ def _from_dsn(message: Message) -> Bounce | bool | None:
     ]
     if not recipients:
         return False
+    # A failed recipient is reported before a delayed one: a delay notice is not a bounce.
     chosen: dict[str, str] | None = None
+    delayed: dict[str, str] | None = None
     for group in recipients:
         group_action = _action(group.get("action"))
         group_status = _ENHANCED.search(group.get("status", ""))
-        failed = group_action in ("failed", "delayed") or (
-            group_action is None and group_status is not None and group_status.group(1) in "45"
-        )
-        if failed:
+        if group_action is None and group_status is not None:
+            group_action = {"4": "delayed", "5": "failed"}.get(group_status.group(1))
+        if group_action == "failed":
             chosen = group
             break
+        if group_action == "delayed" and delayed is None:
+            delayed = group
+    chosen = chosen or delayed
     if chosen is None:
         if all(_action(g.get("action")) in _SUCCESS_ACTIONS for g in recipients):
             return None
@@ -764,13 +781,14 @@ def parse_bounce(raw: bytes) -> Bounce | None:
     """The bounce a message reports, or None when it is not one.
 
     A DSN (a message/delivery-status part, RFC 3464) is read first: one Bounce for its first
-    recipient whose Action is failed or delayed (a Status of class 5 / 4 stands for a missing
-    Action), in report order; a DSN naming only delivered / relayed / expanded recipients is
-    not a bounce. Otherwise the message counts as a plain-text bounce when two of these
-    hold, one of them being the subject or the body: a daemon sender (MAILER-DAEMON,
-    postmaster, Mail Delivery Subsystem...), a bounce subject, bounce wording in the body,
-    a null Return-Path; recipient, status and diagnostic are then read from the text and
-    the Action is inferred.
+    recipient whose Action is failed, else for its first delayed one (kind ``delayed``, not
+    :attr:`Bounce.final`); a Status of class 5 / 4 stands for a missing Action. A DSN naming
+    only delivered / relayed / expanded recipients is not a bounce. Otherwise the message
+    counts as a plain-text bounce when two of these hold, one of them being the subject or
+    the body: a daemon sender (MAILER-DAEMON, postmaster, Mail Delivery Subsystem...), a
+    bounce subject, bounce wording in the body, a null Return-Path; recipient, status and
+    diagnostic are then read from the text and the Action is inferred (a delay notice's
+    wording makes it ``delayed``).
     """
     message = _parse(raw)
     if message is None:

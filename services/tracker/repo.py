@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from schemas.events import EmailSent
+from schemas.events import EmailFailed, EmailSent
 
 MESSAGE_COLUMNS = (
     "message_id, delivery_key, tenant_id, lead_id, enrollment_id, sequence_id, sequence_key,"
@@ -205,6 +205,13 @@ async def seen_token(conn: asyncpg.Connection | asyncpg.Pool, provider: str, tok
     return not inserted
 
 
+async def forget_token(conn: asyncpg.Connection | asyncpg.Pool, provider: str, token: str) -> None:
+    """Release a token recorded by :func:`seen_token` (its request was not accepted)."""
+    await conn.execute(
+        "DELETE FROM webhook_tokens WHERE provider = $1 AND token = $2", provider, token
+    )
+
+
 async def prune_tokens(conn: asyncpg.Connection | asyncpg.Pool, older_than_seconds: float) -> None:
     await conn.execute(
         "DELETE FROM webhook_tokens WHERE seen_at < clock_timestamp() - make_interval(secs => $1)",
@@ -231,15 +238,122 @@ async def record_unattributed(
     )
 
 
-async def recent_clicks(conn: asyncpg.Connection, message_id: str, since: datetime) -> int:
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM engagement_events WHERE message_id = $1 AND type = 'clicked'"
-            " AND occurred_at >= $2",
-            message_id,
-            since,
-        )
+async def lock_message_clicks(conn: asyncpg.Connection, message_id: str) -> None:
+    """Serialise click handling per message until the transaction ends: a scanner fires
+    its clicks in parallel, and each must see the others to be recognised as a burst."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('touchstream-tracker-clicks:' || $1, 0))",
+        message_id,
     )
+
+
+async def click_context(
+    conn: asyncpg.Connection, message_id: str, url: str | None, at: datetime, window: timedelta
+) -> tuple[int, datetime | None]:
+    """For a click at ``at``: how many other links of the message were clicked within
+    ``window`` of it (either side: provider events arrive out of order), and when the
+    message was reported delivered (None when no provider said so)."""
+    row = await conn.fetchrow(
+        "SELECT"
+        " (SELECT count(DISTINCT coalesce(detail->>'url', '')) FROM engagement_events"
+        "   WHERE message_id = $1 AND type = 'clicked'"
+        "   AND occurred_at BETWEEN $3::timestamptz - $4::interval"
+        "   AND $3::timestamptz + $4::interval"
+        "   AND coalesce(detail->>'url', '') <> coalesce($2, '')) AS other_links,"
+        " (SELECT max(occurred_at) FROM engagement_events"
+        "   WHERE message_id = $1 AND type = 'delivered') AS delivered_at",
+        message_id,
+        url,
+        at,
+        window,
+    )
+    assert row is not None
+    return int(row["other_links"]), row["delivered_at"]
+
+
+async def reflag_burst_clicks(
+    conn: asyncpg.Connection, message_id: str, at: datetime, window: timedelta, reason: str
+) -> int:
+    """Flag as machine the clicks of the message within ``window`` of ``at`` that were
+    taken for a person's (the first click of a scanner's burst looks like one)."""
+    status = await conn.execute(
+        "UPDATE engagement_events SET machine = true,"
+        " detail = detail || jsonb_build_object('machine_reason', $4::text, 'reflagged', true)"
+        " WHERE message_id = $1 AND type = 'clicked' AND NOT machine"
+        " AND occurred_at BETWEEN $2::timestamptz - $3::interval"
+        " AND $2::timestamptz + $3::interval",
+        message_id,
+        at,
+        window,
+        reason,
+    )
+    return int(status.split()[-1])
+
+
+async def insert_rejection(
+    conn: asyncpg.Connection, event: EmailFailed, bounce_type: str | None
+) -> bool:
+    """Record a server's refusal once per delivery key; False when already recorded."""
+    inserted = await conn.fetchval(
+        "INSERT INTO rejections (delivery_key, event_id, tenant_id, lead_id, enrollment_id,"
+        " sequence_id, step_id, step_index, to_email, bounce_type, enhanced_status, smtp_code,"
+        " reason, occurred_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+        " ON CONFLICT (delivery_key) DO NOTHING RETURNING true",
+        event.delivery_key,
+        event.event_id,
+        event.tenant_id,
+        event.lead_id,
+        event.enrollment_id,
+        event.sequence_id,
+        event.step_id,
+        event.step_index,
+        event.to_email.lower(),
+        bounce_type,
+        event.enhanced_status,
+        event.smtp_code,
+        event.reason,
+        event.occurred_at,
+    )
+    return bool(inserted)
+
+
+async def message_by_delivery_key(
+    conn: asyncpg.Connection, delivery_key: str
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE delivery_key = $1", delivery_key
+    )
+
+
+async def latest_messages_to(
+    conn: asyncpg.Connection, email: str, mailboxes: Sequence[str]
+) -> list[asyncpg.Record]:
+    """The latest message sent to ``email`` per tenant, preferring (within a tenant) one
+    sent from any of ``mailboxes``; dry runs excluded."""
+    return await conn.fetch(
+        f"SELECT DISTINCT ON (tenant_id) {MESSAGE_COLUMNS} FROM messages"
+        " WHERE to_email = $1 AND NOT dry_run"
+        " ORDER BY tenant_id, (lower(from_email) = ANY($2::text[])) DESC, sent_at DESC",
+        email.lower(),
+        [m.lower() for m in mailboxes],
+    )
+
+
+async def expire_parked_replies(conn: asyncpg.Connection, before: datetime) -> int:
+    """Parked replies received before ``before`` that no message claimed: moved to
+    ``unattributed`` (with their text), so they stay visible but stop waiting."""
+    status = await conn.execute(
+        "WITH gone AS (DELETE FROM parked_replies WHERE received_at < $1"
+        "   RETURNING reply_key, referenced, from_email, subject, received_at, body)"
+        " INSERT INTO unattributed (provider, kind, email, received_at, detail)"
+        " SELECT 'inbound', 'reply', from_email, received_at, jsonb_build_object("
+        "   'reason', 'parked reply expired: no message of ours matched it',"
+        "   'reply_key', reply_key, 'referenced', to_jsonb(referenced), 'subject', subject,"
+        "   'body', left(body, 20000))"
+        " FROM gone",
+        before,
+    )
+    return int(status.split()[-1])
 
 
 async def messages_for_events(

@@ -53,11 +53,15 @@ Mappings worth knowing: SendGrid ``"type": "blocked"`` bounces are ``policy`` (S
 calls them temporary blocks: nothing is wrong with the address); drops for "Bounced
 Address"/"Invalid" are ``hard``, other drop reasons ``policy``. Mailgun ``failed``:
 ``suppress-*`` reasons are drops, ``permanent`` is ``hard`` (or the ``bounce-type`` it
-declares), ``temporary`` ``soft``. Postmark bounce types: :data:`_POSTMARK_BOUNCES`; a
-SubscriptionChange is an unsubscribe only for ``ManualSuppression``. SES ``Permanent``
-is ``hard``, ``Transient``/``Undetermined`` ``soft``, ``Reject`` a ``policy`` drop,
-``DeliveryDelay`` deferred; Open/Click/Reject records name no recipient, so they yield
-one event per ``mail.destination``.
+declares), ``temporary`` is ``deferred`` (Mailgun retries it itself, its payload names the
+``retry-seconds``; a final failure comes as ``permanent``). Postmark bounce types:
+:data:`_POSTMARK_BOUNCES` (``Transient``, which Postmark names "Message delayed", is
+``deferred``); a SubscriptionChange is an unsubscribe only for ``ManualSuppression``. SES
+``Permanent`` is ``hard``, ``Transient``/``Undetermined`` ``soft`` (SES reports a bounce
+only once it has stopped retrying), ``Reject`` a ``policy`` drop, ``DeliveryDelay``
+deferred; Open/Click/Reject records name no recipient, so they yield one event per
+``mail.destination``. ``deferred`` (SendGrid's own ``deferred`` too) is a delay, never a
+bounce: the provider is still trying to deliver the message.
 """
 
 from __future__ import annotations
@@ -444,8 +448,8 @@ def _mailgun_event(data: Mapping[str, Any]) -> NormalizedEvent | None:
         elif severity == "permanent":
             declared = _opt_str(status.get("bounce-type")) if isinstance(status, Mapping) else None
             bounce_type = declared if declared in ("hard", "soft") else "hard"
-        else:  # "temporary": Mailgun retries
-            bounce_type = "soft"
+        else:  # "temporary": Mailgun retries it itself; not a bounce (yet)
+            mapped = "deferred"
     message = data.get("message")
     headers = message.get("headers") if isinstance(message, Mapping) else None
     raw_id = _opt_str(headers.get("message-id")) if isinstance(headers, Mapping) else None
@@ -512,7 +516,8 @@ _POSTMARK_BOUNCES: Final[Mapping[str, tuple[str, str | None]]] = {
     "HardBounce": ("bounced", "hard"),
     "BadEmailAddress": ("bounced", "hard"),
     "SoftBounce": ("bounced", "soft"),
-    "Transient": ("bounced", "soft"),
+    # "Message delayed": the receiving server will be tried again.
+    "Transient": ("deferred", None),
     "DnsError": ("bounced", "soft"),
     "Unknown": ("bounced", "soft"),
     "Blocked": ("bounced", "policy"),
@@ -718,6 +723,11 @@ class SnsVerifier:
     ``fetch_certificate(url)`` returns the PEM at an already-vetted SNS URL; it must
     verify TLS. Certificates are cached by URL (at most 16) and re-checked against
     their validity period on every use.
+
+    The signed ``Timestamp`` (when SNS published the message; its retries keep it) must
+    be within ``tolerance`` seconds of ``clock()``: an older message, however well
+    signed, is a replay as far as we can tell (401). The tolerance must cover the
+    subscription's delivery retry policy, or SNS's late retries are refused too.
     """
 
     def __init__(
@@ -725,10 +735,12 @@ class SnsVerifier:
         allowed_topic_arns: Collection[str],
         fetch_certificate: Callable[[str], Awaitable[bytes]],
         *,
+        tolerance: float = 300,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._topics = frozenset(allowed_topic_arns)
         self._fetch = fetch_certificate
+        self._tolerance = tolerance
         self._clock = clock or (lambda: datetime.now(UTC))
         self._certificates: OrderedDict[str, x509.Certificate] = OrderedDict()
 
@@ -754,11 +766,14 @@ class SnsVerifier:
             signature = base64.b64decode(message["Signature"], validate=True)
         except binascii.Error as exc:
             raise _unauthenticated("Signature is not base64") from exc
+        published = _iso_time(message["Timestamp"])  # 400 when it is not a timestamp
         public_key = await self._public_key(url)
         try:
             public_key.verify(signature, to_sign, padding.PKCS1v15(), hash_factory())
         except InvalidSignature as exc:
             raise _unauthenticated("invalid signature") from exc
+        if abs((self._clock() - published).total_seconds()) > self._tolerance:
+            raise _unauthenticated("SNS message Timestamp outside the replay window")
 
     async def _public_key(self, url: str) -> rsa.RSAPublicKey:
         certificate = self._certificates.get(url)

@@ -32,11 +32,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from schemas import topics
-from schemas.events import EmailSent
+from schemas.events import BounceType, EmailFailed, EmailSent, EngagementReceived, FailureKind
+from services.runtime import tokens
 from services.runtime.devstack import free_port
 from services.runtime.kafka import create_topics
 from services.runtime.settings import TrackerSettings
+from services.tracker import repo
 from services.tracker.app import TrackerService
+from services.tracker.domain import PARKED_REPLY_TTL
 from services.tracker.webhooks import sns_string_to_sign
 
 pytestmark = pytest.mark.integration
@@ -145,8 +148,23 @@ def sns_signer() -> SnsSigner:
     return SnsSigner()
 
 
-def ses_envelope(notification: dict[str, Any], *, topic: str = TOPIC) -> dict[str, Any]:
-    envelope: dict[str, Any] = load("sns_messages.json")["Notification"]
+def sns_time(age: timedelta = timedelta(seconds=1)) -> str:
+    """An SNS ``Timestamp`` (publication time) ``age`` ago."""
+    at = datetime.now(UTC) - age
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def sns_message(kind: str, *, age: timedelta = timedelta(seconds=1)) -> dict[str, Any]:
+    """The SNS documentation's example of ``kind``, published ``age`` ago."""
+    message: dict[str, Any] = load("sns_messages.json")[kind]
+    message["Timestamp"] = sns_time(age)
+    return message
+
+
+def ses_envelope(
+    notification: dict[str, Any], *, topic: str = TOPIC, age: timedelta = timedelta(seconds=1)
+) -> dict[str, Any]:
+    envelope = sns_message("Notification", age=age)
     del envelope["Subject"]
     envelope["MessageId"] = str(uuid.uuid4())
     envelope["TopicArn"] = topic
@@ -604,7 +622,7 @@ async def test_ses_notifications_through_verified_sns(tracker: Tracker) -> None:
     signer = sns_signer()
 
     # Subscription confirmation: verified, then confirmed at its SubscribeURL.
-    confirmation = signer.sign(load("sns_messages.json")["SubscriptionConfirmation"])
+    confirmation = signer.sign(sns_message("SubscriptionConfirmation"))
     response = await http.post("/webhooks/ses", json=confirmation)
     assert response.status_code == 200, response.text
     assert response.json() == {"confirmed": True}
@@ -638,7 +656,18 @@ async def test_ses_notifications_through_verified_sns(tracker: Tracker) -> None:
     evil_cert = "https://sns.us-west-2.amazonaws.com.evil.example/SimpleNotificationService-x.pem"
     tampered_message = json.loads(bounce["Message"])
     tampered_message["bounce"]["bounceType"] = "Transient"
+    # Correctly signed, by the right certificate, on an allowed topic: but published
+    # longer ago than the replay window (a captured notification played again).
+    stale = signer.sign(
+        ses_envelope(json.loads(bounce["Message"]), age=timedelta(seconds=TOLERANCE + 60)),
+        version="2",
+    )
+    stale_confirmation = signer.sign(
+        sns_message("SubscriptionConfirmation", age=timedelta(hours=2))
+    )
     refusals: list[tuple[str, dict[str, Any], int]] = [
+        ("older than the replay window", stale, 401),
+        ("confirmation older than the replay window", stale_confirmation, 401),
         ("topic not allowed", off_list, 403),
         ("certificate off SNS", signer.sign(dict(bounce), cert_url=evil_cert), 401),
         (
@@ -659,6 +688,7 @@ async def test_ses_notifications_through_verified_sns(tracker: Tracker) -> None:
         response = await http.post("/webhooks/ses", json=envelope)
         assert response.status_code == status, (what, response.text)
     assert tracker.fetched == fetched_before  # the certificate was cached; nothing else fetched
+    assert tracker.confirmed == [confirmation["SubscribeURL"]]
     assert await tracker.raw_written() == 0
 
     responses = [
@@ -859,3 +889,663 @@ async def test_sendgrid_event_attributed_by_sg_message_id(tracker: Tracker) -> N
     recorded = await tracker.pool.fetch("SELECT message_id FROM engagement_events")
     assert len(recorded) == 1
     assert recorded[0]["message_id"] == first.message_id
+
+
+# ------------------------------------------------------------------- shared helpers
+
+
+MAIL_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mail"
+#: The Message-ID the Office 365 delay notice fixture reports on.
+O365_ORIGINAL = "<1f3a5c7e9b0d2f4a6c8e0a2c4e6a8c0e2a4c6e8a@acme.example.com>"
+O365_REPORT_ID = "<c3a9e1f7-0b4d-4e2a-9c6f-8d2b5e1a3f70@DB9PR04MB5678.eurprd04.prod.outlook.com>"
+SAFARI = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+    " Version/17.1 Safari/605.1.15"
+)
+INBOUND = {"Authorization": f"Bearer {INBOUND_TOKEN}", "Content-Type": "message/rfc822"}
+
+
+async def wait_for(pool: asyncpg.Pool, query: str, *args: Any, expected: int) -> None:
+    """Wait until ``query`` (a count) reaches ``expected``."""
+    value = None
+    for _ in range(int(WAIT_SECONDS / 0.05)):
+        value = await pool.fetchval(query, *args)
+        if value == expected:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{query!r} is {value}, not {expected}")
+
+
+async def outbox_engagements(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT convert_from(payload, 'UTF8') AS payload FROM outbox"
+        " WHERE event_type = 'EngagementReceived' ORDER BY id"
+    )
+    return [json.loads(r["payload"]) for r in rows]
+
+
+async def sequence_report(tracker: Tracker, sequence: str = "cold_outreach") -> dict[str, Any]:
+    response = await tracker.http.get(f"/analytics/sequences/{sequence}")
+    assert response.status_code == 200, response.text
+    report: dict[str, Any] = response.json()
+    return report
+
+
+async def daily_totals(tracker: Tracker, sequence: str = "cold_outreach") -> dict[str, int]:
+    """The daily series summed over its days (a test may straddle midnight)."""
+    response = await tracker.http.get(f"/analytics/sequences/{sequence}/daily?days=2")
+    assert response.status_code == 200, response.text
+    totals: dict[str, int] = {}
+    for day in response.json()["days"]:
+        for kind, n in day.items():
+            if kind != "day":
+                totals[kind] = totals.get(kind, 0) + n
+    return totals
+
+
+def o365_report(message: EmailSent, *, final: bool, report_id: str = O365_REPORT_ID) -> bytes:
+    """Office 365's delay notice about ``message`` (as in the fixture), or the failure
+    it sends once it gives up: same status code, its own report Message-ID."""
+    raw = (MAIL_FIXTURES / "office365-delayed-4.4.7.eml").read_text()
+    assert O365_ORIGINAL in raw and O365_REPORT_ID in raw
+    raw = raw.replace(O365_ORIGINAL, message.message_id).replace(O365_REPORT_ID, report_id)
+    if final:
+        raw = raw.replace("Action: delayed", "Action: failed").replace(
+            "Subject: Delivery delayed:", "Subject: Undeliverable:"
+        )
+    return raw.encode()
+
+
+# ------------------------------------------------------------ delays are not bounces
+
+
+async def test_delay_notices_are_kept_and_never_bounce(tracker: Tracker) -> None:
+    """A DSN ``Action: delayed`` and the providers' deferrals (SendGrid ``deferred``,
+    Mailgun ``failed``/``temporary``, Postmark ``Transient``) are kept as ``delayed``
+    and emit nothing (the sender would send it again: a double delivery); the final
+    failure that follows the delay notice, with the same status code, is a bounce."""
+    dsn, grid, gun, mark = (
+        sent("sofia.rossi@example.com"),
+        sent("alex@example.com"),
+        sent("tempfailrecipient@sample.mailgun.com"),
+        sent("margareth@nasa.com"),
+    )
+    await tracker.register(dsn, grid, gun, mark)
+    http = tracker.http
+
+    delay = await http.post(
+        "/webhooks/inbound", content=o365_report(dsn, final=False), headers=INBOUND
+    )
+    again = await http.post(
+        "/webhooks/inbound", content=o365_report(dsn, final=False), headers=INBOUND
+    )
+    deferred = next(d for d in load("sendgrid_events.json") if d["event"] == "deferred")
+    deferred.update(email=grid.to_email, delivery_key=grid.delivery_key, timestamp=int(time.time()))
+    grid_body = json.dumps([deferred]).encode()
+    grid_response = await http.post(
+        "/webhooks/sendgrid", content=grid_body, headers=sg_headers(grid_body)
+    )
+    gun_response = await http.post(
+        "/webhooks/mailgun",
+        content=mailgun_body(
+            "failed_temporary",
+            mg_signature(),
+            timestamp=time.time(),
+            **{"user-variables": {"delivery_key": gun.delivery_key}},
+        ),
+    )
+    mark_response = await http.post(
+        "/webhooks/postmark",
+        content=postmark_body("Bounce", mark, datetime.now(UTC), Type="Transient", TypeCode=2),
+        headers={"Authorization": basic(PM_USER, PM_PASSWORD)},
+    )
+    responses = [delay, again, grid_response, gun_response, mark_response]
+    assert [r.status_code for r in responses] == [202, 202, 200, 200, 200]
+    await tracker.processed(*responses)
+
+    rows = await tracker.pool.fetch(
+        "SELECT message_id, type, source, machine FROM engagement_events ORDER BY source"
+    )
+    assert {tuple(r.values()) for r in rows} == {
+        (dsn.message_id, "delayed", "inbound", False),
+        (grid.message_id, "delayed", "sendgrid", False),
+        (gun.message_id, "delayed", "mailgun", False),
+        (mark.message_id, "delayed", "postmark", False),
+    }
+    assert len(rows) == 4  # the delay notice delivered twice is kept once
+    detail = await tracker.pool.fetchval(
+        "SELECT detail FROM engagement_events WHERE message_id = $1", dsn.message_id
+    )
+    assert (detail["status"], detail["action"]) == ("4.4.7", "delayed")
+    assert await outbox_engagements(tracker.pool) == []
+
+    # Office 365 gives up: same message, same 4.4.7, another report. A bounce (soft).
+    final = await http.post(
+        "/webhooks/inbound",
+        content=o365_report(dsn, final=True, report_id="<ndr-final-1@outlook.example>"),
+        headers=INBOUND,
+    )
+    assert final.status_code == 202, final.text
+    await tracker.processed(final)
+    (bounce,) = await outbox_engagements(tracker.pool)
+    assert (bounce["engagement_type"], bounce["bounce_type"], bounce["message_id"]) == (
+        "bounced",
+        "soft",
+        dsn.message_id,
+    )
+    assert bounce["detail"]["status"] == "4.4.7" and bounce["detail"]["action"] == "failed"
+
+    totals = (await sequence_report(tracker))["totals"]
+    assert (totals["sent"], totals["delayed"], totals["bounced"], totals["hard_bounced"]) == (
+        4,
+        4,
+        1,
+        0,
+    )
+
+
+# ------------------------------------------------------ synchronous rejections
+
+
+def rejection(
+    of: EmailSent,
+    *,
+    delivery_key: str,
+    to_email: str,
+    bounce_type: BounceType | None,
+    status: str | None,
+    reason: str,
+    failure: FailureKind = FailureKind.PERMANENT,
+) -> EmailFailed:
+    """The sender's EmailFailed for a delivery of ``of``'s step (same sequence and step)."""
+    return EmailFailed(
+        lead_id=uuid.uuid4(),
+        enrollment_id=uuid.uuid4(),
+        sequence_id=of.sequence_id,
+        step_id=of.step_id,
+        step_index=of.step_index,
+        delivery_key=delivery_key,
+        to_email=to_email,
+        failure=failure,
+        reason=reason,
+        smtp_code=int(reason[:3]) if reason[:3].isdigit() else None,
+        enhanced_status=status,
+        bounce_type=bounce_type,
+    )
+
+
+async def test_a_hard_rejection_is_a_hard_bounce_and_counts_in_analytics(
+    tracker: Tracker,
+) -> None:
+    accepted = sent("ok@example.com")
+    # A soft-bounced message the sender tried again: the retry was refused outright.
+    retried = follow_up(accepted).model_copy(
+        update={"step_id": accepted.step_id, "step_index": 0, "to_email": "moved@example.com"}
+    )
+    await tracker.register(accepted, retried)
+    hard = rejection(
+        accepted,
+        delivery_key="dk-hard-1",
+        to_email="Gone@Example.com",
+        bounce_type=BounceType.HARD,
+        status="5.1.1",
+        reason="550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown",
+    )
+    policy = rejection(
+        accepted,
+        delivery_key="dk-policy-1",
+        to_email="blocked@example.com",
+        bounce_type=BounceType.POLICY,
+        status="5.7.1",
+        reason="554 5.7.1 Service unavailable; Client host blocked using zen.spamhaus.org",
+    )
+    retry_refused = rejection(
+        accepted,
+        delivery_key=retried.delivery_key,
+        to_email=retried.to_email,
+        bounce_type=BounceType.HARD,
+        status="5.1.6",
+        reason="551 5.1.6 Recipient has moved",
+    )
+    cancelled = rejection(
+        accepted,
+        delivery_key="dk-cancelled-1",
+        to_email="later@example.com",
+        bounce_type=None,
+        status=None,
+        reason="lead replied",
+        failure=FailureKind.CANCELLED,
+    )
+    # The sender's outbox may publish the same failure twice (another event id).
+    duplicate = hard.model_copy(update={"event_id": uuid.uuid4()})
+    outcomes = [hard, policy, retry_refused, cancelled, duplicate]
+    for event in outcomes:
+        await tracker.producer.send_and_wait(
+            topics.EMAIL_SENT, event.to_bytes(), key=event.kafka_key()
+        )
+    await wait_for(
+        tracker.pool,
+        "SELECT count(*) FROM inbox WHERE event_id = ANY($1::uuid[])",
+        [e.event_id for e in outcomes],
+        expected=len(outcomes),
+    )
+
+    rows = await tracker.pool.fetch(
+        "SELECT delivery_key, bounce_type, enhanced_status, smtp_code FROM rejections"
+    )
+    assert {tuple(r.values()) for r in rows} == {
+        ("dk-hard-1", "hard", "5.1.1", 550),
+        ("dk-policy-1", "policy", "5.7.1", 554),
+        (retried.delivery_key, "hard", "5.1.6", 551),
+    }
+    emitted = await outbox_engagements(tracker.pool)
+    assert len(emitted) == 2  # the hard ones, once each: policy and cancelled emit nothing
+    by_key = {e["delivery_key"]: e for e in emitted}
+    first = by_key["dk-hard-1"]
+    assert {
+        k: first[k]
+        for k in (
+            "engagement_type",
+            "bounce_type",
+            "source",
+            "lead_id",
+            "enrollment_id",
+            "sequence_id",
+            "step_id",
+            "step_index",
+            "email",
+            "message_id",
+        )
+    } == {
+        "engagement_type": "bounced",
+        "bounce_type": "hard",
+        "source": "smtp",
+        "lead_id": str(hard.lead_id),
+        "enrollment_id": str(hard.enrollment_id),
+        "sequence_id": str(hard.sequence_id),
+        "step_id": str(hard.step_id),
+        "step_index": 0,
+        "email": "gone@example.com",
+        "message_id": None,  # never accepted, so never given a registered Message-ID
+    }
+    assert first["detail"]["status"] == "5.1.1" and first["detail"]["smtp_code"] == 550
+    assert EngagementReceived.model_validate(first).suppresses_address
+    # The refused retry is about a registered message: it says which.
+    assert by_key[retried.delivery_key]["message_id"] == retried.message_id
+    assert by_key[retried.delivery_key]["sequence_key"] == "cold_outreach"
+
+    (step,) = (await sequence_report(tracker))["steps"]
+    counts = step["counts"]
+    # Sent: two accepted, two refused outright (the refused retry is one of the accepted).
+    assert (
+        counts["sent"],
+        counts["bounced"],
+        counts["hard_bounced"],
+        counts["rejected"],
+    ) == (4, 3, 2, 3)
+    assert step["rates"]["bounce_rate"] == 0.75
+    daily = await daily_totals(tracker)
+    assert (daily["sent"], daily["bounced"]) == (4, 3)
+
+
+# --------------------------------------------------------------- Mailgun tokens
+
+
+async def test_a_mailgun_token_survives_a_failed_publish(
+    tracker: Tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kafka refuses the write: the request fails (5xx) and Mailgun retries it with the
+    same token, which must then be accepted (once), not refused as a replay."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    from services.tracker import app as tracker_app
+
+    c = sent("recipient@sample.mailgun.com")
+    j = sent("bob@example.com", message_id=ROUTE_PARENT)
+    await tracker.register(c, j)
+    event_body = mailgun_body(
+        "opened",
+        mg_signature(),
+        timestamp=time.time(),
+        **{"user-variables": {"delivery_key": c.delivery_key}},
+    )
+    route_body = mailgun_route_form(mg_signature())
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    working = tracker_app.publish_all
+
+    async def kafka_down(*args: Any, **kwargs: Any) -> None:
+        raise KafkaTimeoutError()
+
+    monkeypatch.setattr(tracker_app, "publish_all", kafka_down)
+    lost = await tracker.http.post("/webhooks/mailgun", content=event_body)
+    lost_route = await tracker.http.post(
+        "/webhooks/inbound/mailgun", content=route_body, headers=form
+    )
+    assert (lost.status_code, lost_route.status_code) == (500, 500)
+    assert await tracker.raw_written() == 0
+    assert await tracker.pool.fetchval("SELECT count(*) FROM webhook_tokens") == 0
+
+    monkeypatch.setattr(tracker_app, "publish_all", working)
+    retry = await tracker.http.post("/webhooks/mailgun", content=event_body)
+    retry_route = await tracker.http.post(
+        "/webhooks/inbound/mailgun", content=route_body, headers=form
+    )
+    assert (retry.status_code, retry_route.status_code) == (200, 202), (
+        retry.text,
+        retry_route.text,
+    )
+    replay = await tracker.http.post("/webhooks/mailgun", content=event_body)
+    replay_route = await tracker.http.post(
+        "/webhooks/inbound/mailgun", content=route_body, headers=form
+    )
+    assert (replay.status_code, replay_route.status_code) == (403, 403)
+    await tracker.processed(retry, retry_route)
+    rows = await tracker.pool.fetch("SELECT message_id, type FROM engagement_events")
+    assert {tuple(r.values()) for r in rows} == {
+        (c.message_id, "opened"),
+        (j.message_id, "replied"),
+    }
+
+
+# ------------------------------------------------------------ replies by address
+
+
+def reply_to(
+    sender: str, *, to: str, references: str | None, message_id: str, text: str = "Thanks!"
+) -> bytes:
+    thread = f"In-Reply-To: {references}\r\nReferences: {references}\r\n" if references else ""
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: Re: Hello\r\n"
+        f"Date: Sat, 21 Nov 2026 10:00:00 +0000\r\nMessage-ID: {message_id}\r\n{thread}"
+        f"Content-Type: text/plain; charset=utf-8\r\n\r\n{text}\r\n"
+    ).encode()
+
+
+async def test_replies_matching_no_thread_fall_back_to_the_sender_address(
+    tracker: Tracker,
+) -> None:
+    ada = sent("ada@lovelace.example")
+    # Two tenants wrote to Bob: acme from ann@acme.example, globex (later) from hank@.
+    bob_acme = sent("bob@example.net").model_copy(update={"tenant_id": "acme"})
+    bob_globex = follow_up(sent("bob@example.net")).model_copy(
+        update={"tenant_id": "globex", "from_email": "hank@globex.example"}
+    )
+    await tracker.register(ada, bob_acme, bob_globex)
+    unknown = "<3f2a9c@mail.elsewhere.example>"  # a thread we never took part in
+    replies = {
+        # References we do not know (a forwarded thread, a mail client's new thread).
+        "ada": reply_to(
+            "Ada <ada@lovelace.example>",
+            to=ada.from_email,
+            references=unknown,
+            message_id="<r-ada@lovelace.example>",
+        ),
+        # Sent to acme's mailbox: acme's message, although globex wrote later.
+        "bob-acme": reply_to(
+            "bob@example.net",
+            to="Ann <ANN@acme.example>",
+            references=unknown,
+            message_id="<r-bob-1@example.net>",
+        ),
+        # Sent to neither tenant's mailbox: cannot tell which; kept waiting.
+        "bob-unclear": reply_to(
+            "bob@example.net",
+            to="replies@inbound.example",
+            references="<also-unknown@example.net>",
+            message_id="<r-bob-2@example.net>",
+        ),
+        # Nobody we wrote to, answering a message not registered yet.
+        "early": reply_to(
+            "carol@example.org",
+            to="ann@acme.example",
+            references="<registered-later@acme.example>",
+            message_id="<r-carol@example.org>",
+        ),
+    }
+    responses = [
+        await tracker.http.post("/webhooks/inbound", content=raw, headers=INBOUND)
+        for raw in replies.values()
+    ]
+    assert [r.status_code for r in responses] == [202] * 4
+    await tracker.processed(*responses)
+    rows = await tracker.pool.fetch(
+        "SELECT message_id, type, detail->>'matched_by' AS matched_by,"
+        " detail->>'reply_message_id' AS reply FROM engagement_events"
+    )
+    assert {tuple(r.values()) for r in rows} == {
+        (ada.message_id, "replied", "address", "<r-ada@lovelace.example>"),
+        (bob_acme.message_id, "replied", "address", "<r-bob-1@example.net>"),
+    }
+    parked = await tracker.pool.fetch("SELECT reply_key FROM parked_replies ORDER BY reply_key")
+    assert [r["reply_key"] for r in parked] == ["<r-bob-2@example.net>", "<r-carol@example.org>"]
+
+    # The message Carol answered is registered: her parked reply is attributed to it.
+    late = sent("carol@example.org", message_id="<registered-later@acme.example>")
+    await tracker.register(late)
+    await wait_for(
+        tracker.pool,
+        "SELECT count(*) FROM engagement_events WHERE message_id = $1 AND type = 'replied'",
+        late.message_id,
+        expected=1,
+    )
+    # Bob's unclear reply expires into the unattributed records, text and all.
+    async with tracker.pool.acquire() as conn:
+        assert await repo.expire_parked_replies(conn, datetime.now(UTC) - PARKED_REPLY_TTL) == 0
+        expired = await repo.expire_parked_replies(
+            conn, datetime.now(UTC) + PARKED_REPLY_TTL + timedelta(minutes=1)
+        )
+    assert expired == 1
+    assert await tracker.pool.fetchval("SELECT count(*) FROM parked_replies") == 0
+    gone = await tracker.pool.fetchrow(
+        "SELECT provider, kind, email, detail FROM unattributed WHERE kind = 'reply'"
+    )
+    assert (gone["provider"], gone["kind"], gone["email"]) == (
+        "inbound",
+        "reply",
+        "bob@example.net",
+    )
+    assert gone["detail"]["reply_key"] == "<r-bob-2@example.net>"
+    assert gone["detail"]["referenced"] == ["<also-unknown@example.net>"]
+    assert "Thanks!" in gone["detail"]["body"]
+
+
+# ------------------------------------------------------------- scanner clicks
+
+
+def click_url(tracker: Tracker, message: EmailSent, link: int) -> str:
+    return "/t/c/" + tokens.sign(
+        tracker.service.secret, tokens.TokenClaims("click", message.message_id, link)
+    )
+
+
+async def clicks(tracker: Tracker, message: EmailSent) -> list[tuple[str, bool]]:
+    rows = await tracker.pool.fetch(
+        "SELECT detail->>'url' AS url, machine FROM engagement_events"
+        " WHERE message_id = $1 AND type = 'clicked' ORDER BY occurred_at, url",
+        message.message_id,
+    )
+    return [(r["url"], r["machine"]) for r in rows]
+
+
+LINKS = ["https://acme.example/a", "https://acme.example/b", "https://acme.example/c"]
+
+
+async def test_scanner_bursts_are_machine_from_the_first_click(tracker: Tracker) -> None:
+    person, walker, parallel = (
+        sent(address).model_copy(update={"links": LINKS})
+        for address in ("p@example.org", "w@example.org", "s@example.org")
+    )
+    await tracker.register(person, walker, parallel)
+    browser = {"User-Agent": SAFARI}
+
+    # A person clicking the same link twice (a double click, a second look): not a burst.
+    for _ in range(2):
+        response = await tracker.http.get(click_url(tracker, person, 0), headers=browser)
+        assert response.status_code == 302 and response.headers["location"] == LINKS[0]
+    assert await clicks(tracker, person) == [(LINKS[0], False)]
+
+    # A scanner with a browser's agent walks the links one after the other: the first
+    # click looked human until the second showed the burst; all three are machine.
+    for link in range(3):
+        response = await tracker.http.get(click_url(tracker, walker, link), headers=browser)
+        assert response.status_code == 302
+    assert await clicks(tracker, walker) == [(url, True) for url in LINKS]
+    reasons = await tracker.pool.fetch(
+        "SELECT detail->>'machine_reason' AS reason, detail ? 'reflagged' AS reflagged"
+        " FROM engagement_events WHERE message_id = $1 ORDER BY occurred_at",
+        walker.message_id,
+    )
+    assert [(r["reason"], r["reflagged"]) for r in reasons] == [
+        ("several links clicked at once", True),
+        ("several links clicked at once", False),
+        ("several links clicked at once", False),
+    ]
+
+    # ... or fires them all at once: each sees the others.
+    responses = await asyncio.gather(
+        *(
+            tracker.http.get(click_url(tracker, parallel, link), headers=browser)
+            for link in range(3)
+        )
+    )
+    assert [r.status_code for r in responses] == [302] * 3
+    assert sorted(await clicks(tracker, parallel)) == [(url, True) for url in LINKS]
+
+    # The same through a provider's click events (one batch, the same second).
+    provider_clicked = sent("g@example.org")
+    await tracker.register(provider_clicked)
+    documented = next(d for d in load("sendgrid_events.json") if d["event"] == "click")
+    now = int(time.time())
+    batch = [
+        dict(
+            documented,
+            email=provider_clicked.to_email,
+            delivery_key=provider_clicked.delivery_key,
+            timestamp=now,
+            url=url,
+            useragent=SAFARI,
+            sg_event_id=f"click-{n}",
+        )
+        for n, url in enumerate(LINKS[:2])
+    ]
+    body = json.dumps(batch).encode()
+    response = await tracker.http.post("/webhooks/sendgrid", content=body, headers=sg_headers(body))
+    assert response.status_code == 200, response.text
+    await tracker.processed(response)
+    assert sorted(await clicks(tracker, provider_clicked)) == [(url, True) for url in LINKS[:2]]
+
+    (step,) = (await sequence_report(tracker))["steps"]
+    assert (step["counts"]["clicked"], step["counts"]["machine_clicked"]) == (1, 3)
+
+
+# ------------------------------------------------------------------- analytics
+
+
+def pixel_url(tracker: Tracker, message: EmailSent) -> str:
+    return "/t/o/" + tokens.sign(
+        tracker.service.secret, tokens.TokenClaims("open", message.message_id)
+    )
+
+
+async def test_analytics_rates_on_a_known_dataset(tracker: Tracker) -> None:
+    """Step 0 of cold_outreach: four messages (variants a and b); step 1: two. Opens by
+    people and by Apple's privacy proxy, clicks by people and by a link checker, replies.
+    Another sequence's engagement must not leak in."""
+    base = sent("m1@example.org")
+    step0 = [
+        base.model_copy(update={"variant": "a", "links": LINKS}),
+        *(
+            follow_up(base).model_copy(
+                update={
+                    "step_id": base.step_id,
+                    "step_index": 0,
+                    "variant": variant,
+                    "to_email": address,
+                    "links": LINKS,
+                }
+            )
+            for variant, address in (
+                ("a", "m2@example.org"),
+                ("b", "m3@example.org"),
+                ("b", "m4@example.org"),
+            )
+        ),
+    ]
+    step1 = [follow_up(m).model_copy(update={"step_index": 1, "links": LINKS}) for m in step0[:2]]
+    other = sent("m1@example.org").model_copy(update={"sequence_key": "nurture", "links": LINKS})
+    await tracker.register(*step0, *step1, other)
+    m1, m2, m3, _unopened = step0
+    apple = {"User-Agent": "Mozilla/5.0"}  # Mail Privacy Protection's bare agent
+    browser = {"User-Agent": SAFARI}
+    for message, headers in (
+        (m1, apple),
+        (m1, browser),  # a person too: m1 counts as opened by a person
+        (m2, browser),
+        (m3, apple),  # only the proxy: a machine open
+        (step1[0], browser),
+        (other, browser),
+    ):
+        response = await tracker.http.get(pixel_url(tracker, message), headers=headers)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/gif"
+    for message, method in ((m1, "GET"), (m3, "HEAD"), (other, "GET")):
+        response = await tracker.http.request(
+            method, click_url(tracker, message, 1), headers=browser
+        )
+        assert response.status_code == 302
+    replies = [
+        await tracker.http.post(
+            "/webhooks/inbound",
+            content=reply_to(
+                message.to_email,
+                to=message.from_email,
+                references=message.message_id,
+                message_id=f"<reply-{n}@example.org>",
+                text="Sounds good, let's talk.",
+            ),
+            headers=INBOUND,
+        )
+        for n, message in enumerate((m2, step1[1], other))
+    ]
+    await tracker.processed(*replies)
+
+    report = await sequence_report(tracker)
+    assert report["totals"]["sent"] == 6
+    first, second = report["steps"]
+    assert {k: first["counts"][k] for k in ("sent", "opened", "machine_opened")} == {
+        "sent": 4,
+        "opened": 2,  # m1, m2
+        "machine_opened": 1,  # m3 (m1's proxy fetch is not counted: a person opened it)
+    }
+    assert {k: first["counts"][k] for k in ("clicked", "machine_clicked", "replied")} == {
+        "clicked": 1,  # m1
+        "machine_clicked": 1,  # m3's HEAD
+        "replied": 1,  # m2
+    }
+    assert first["rates"]["open_rate"] == 0.5  # 2 of 4 sent
+    assert first["rates"]["click_rate"] == 0.5  # 1 of 2 opens
+    assert first["rates"]["reply_rate"] == 0.25  # 1 of 4 sent
+    variants = {v["variant"]: v for v in first["variants"]}
+    assert variants["a"]["rates"]["open_rate"] == 1.0 and variants["b"]["rates"]["open_rate"] == 0
+    assert variants["a"]["counts"]["replied"] == 1
+    assert (second["counts"]["sent"], second["counts"]["opened"], second["counts"]["replied"]) == (
+        2,
+        1,
+        1,
+    )
+    assert second["rates"]["open_rate"] == 0.5 and second["rates"]["reply_rate"] == 0.5
+    totals = report["totals"]
+    assert (totals["opened"], totals["machine_opened"], totals["replied"]) == (3, 1, 2)
+    assert report["rates"]["open_rate"] == 0.5  # 3 of 6
+    assert report["rates"]["reply_rate"] == round(2 / 6, 4)
+    assert report["rates"]["click_rate"] == round(1 / 3, 4)
+
+    daily = await daily_totals(tracker)
+    assert {k: daily.get(k) for k in ("sent", "opened", "clicked", "replied")} == {
+        "sent": 6,
+        "opened": 3,  # people only
+        "clicked": 1,
+        "replied": 2,
+    }
+    csv_rows = (await tracker.http.get("/analytics/sequences/cold_outreach/export.csv")).text
+    header, *lines = csv_rows.strip().splitlines()
+    assert "machine_clicked" in header.split(",") and len(lines) == 3

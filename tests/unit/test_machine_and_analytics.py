@@ -51,7 +51,11 @@ def test_gmail_image_proxy_is_a_person_opening() -> None:
         ({"user_agent": ""}, "no user agent"),
         ({"user_agent": "Barracuda Sentinel (EE)"}, "scanner"),
         ({"user_agent": SAFARI, "at": SENT + timedelta(seconds=4)}, "right after delivery"),
-        ({"user_agent": SAFARI, "clicks_just_before": 2}, "several links"),
+        ({"user_agent": SAFARI, "other_links_nearby": 1}, "several links"),
+        (
+            {"user_agent": SAFARI, "delivered_at": LATER - timedelta(seconds=3)},
+            "right after delivery",  # the provider delivered it hours after the hand-off
+        ),
     ],
 )
 def test_scanner_clicks_are_flagged(kwargs: dict[str, object], reason: str) -> None:
@@ -63,6 +67,14 @@ def test_scanner_clicks_are_flagged(kwargs: dict[str, object], reason: str) -> N
 def test_a_person_clicking_is_human() -> None:
     assert not machine.classify_click(
         user_agent=SAFARI, ip="203.0.113.7", sent_at=SENT, at=LATER
+    ).machine
+    # Delivered a minute before the click: a person reading it as it arrived.
+    assert not machine.classify_click(
+        user_agent=SAFARI,
+        ip="203.0.113.7",
+        sent_at=SENT,
+        at=LATER,
+        delivered_at=LATER - timedelta(minutes=1),
     ).machine
 
 
@@ -94,6 +106,16 @@ def test_two_proportion_test_is_symmetric_and_bounded(x1: int, n1: int, x2: int,
     assert b is not None
     assert a.z == pytest.approx(-b.z) and a.p_value == pytest.approx(b.p_value)
     assert 0 <= a.p_value <= 1 and not math.isnan(a.z)
+
+
+def test_report_sums_every_count_per_step_and_in_totals() -> None:
+    row: dict[str, int | str] = {k: n + 1 for n, k in enumerate(analytics.COUNTS)}
+    row.update(step_index=0, variant="")
+    result = analytics.report([row, dict(row, step_index=1)])
+    for n, key in enumerate(analytics.COUNTS):
+        assert result["totals"][key] == 2 * (n + 1), key
+        assert result["steps"][1]["counts"][key] == n + 1, key
+    assert {"machine_clicked", "rejected", "delayed"} <= set(analytics.COUNTS)
 
 
 def test_report_counts_rates_and_variant_significance() -> None:

@@ -66,7 +66,7 @@ BOUNCES = [
     ),
     (
         "rfc3464-delayed.eml",
-        "soft",
+        "delayed",  # a delay notice: the MTA keeps trying; not a bounce
         "4.0.0",
         "delayed",
         "thomas@de-montfort.ac.uk",
@@ -134,7 +134,7 @@ BOUNCES = [
     ),
     (
         "office365-delayed-4.4.7.eml",
-        "soft",
+        "delayed",
         "4.4.7",
         "delayed",
         "sofia.rossi@example.com",
@@ -271,7 +271,26 @@ def test_a_plain_bounce_keeps_its_human_text_without_the_returned_message(
     assert absent not in bounce.raw_report
 
 
-def test_a_delayed_dsn_before_a_failure_is_the_one_reported() -> None:
+@pytest.mark.parametrize(
+    "name", ["rfc3464-delayed.eml", "office365-delayed-4.4.7.eml"], ids=["rfc3464", "office365"]
+)
+def test_a_delay_notice_is_not_a_final_failure(name: str) -> None:
+    bounce = parse_bounce(fixture(name))
+    assert bounce is not None
+    assert not bounce.final and bounce.kind == "delayed" and bounce.action == "delayed"
+
+
+def test_final_failures_are_final() -> None:
+    for name in (
+        "rfc3464-simple-dsn.eml",
+        "postfix-5.1.1-user-unknown.eml",
+        "exim-nonstandard.eml",
+    ):
+        bounce = parse_bounce(fixture(name))
+        assert bounce is not None and bounce.final, name
+
+
+def test_a_failed_recipient_is_reported_before_a_delayed_one() -> None:
     raw = (
         b"From: MAILER-DAEMON@mail.example.com\r\n"
         b"Subject: Delivery report\r\n"
@@ -286,7 +305,30 @@ def test_a_delayed_dsn_before_a_failure_is_the_one_reported() -> None:
     )
     bounce = parse_bounce(raw)
     assert bounce is not None
-    assert (bounce.recipient, bounce.action, bounce.kind) == ("two@example.org", "delayed", "soft")
+    assert (bounce.recipient, bounce.action, bounce.kind) == ("three@example.org", "failed", "hard")
+    assert bounce.final
+
+
+def test_a_report_with_only_delays_is_a_delay_notice() -> None:
+    raw = (
+        b"From: MAILER-DAEMON@mail.example.com\r\n"
+        b"Subject: Delivery report\r\n"
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nSee below.\r\n"
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mail.example.com\r\n\r\n"
+        b"Final-Recipient: rfc822; one@example.org\r\nAction: delivered\r\nStatus: 2.0.0\r\n\r\n"
+        b"Final-Recipient: rfc822; two@example.org\r\nStatus: 4.2.2\r\n"  # no Action: by class
+        b"--b--\r\n"
+    )
+    bounce = parse_bounce(raw)
+    assert bounce is not None
+    assert (bounce.recipient, bounce.action, bounce.kind) == (
+        "two@example.org",
+        "delayed",
+        "delayed",
+    )
+    assert not bounce.final
 
 
 def test_a_success_dsn_is_not_a_bounce() -> None:
@@ -418,8 +460,9 @@ def test_replies_are_not_bounces(name: str) -> None:
 @pytest.mark.parametrize(
     ("action", "status", "diagnostic", "kind"),
     [
-        ("delayed", "5.4.7", "smtp; 400 Could not connect", "soft"),
-        ("delayed", None, None, "soft"),
+        ("delayed", "5.4.7", "smtp; 400 Could not connect", "delayed"),  # still retrying
+        ("delayed", None, None, "delayed"),
+        ("delayed", "4.2.2", "452 4.2.2 Mailbox full", "delayed"),
         ("failed", "4.0.0", "smtp; 426 connection timed out", "soft"),
         ("failed", "4.7.0", "421 4.7.0 Try again later, closing connection", "soft"),
         ("failed", "5.1.0", "550 5.1.0 Address rejected", "hard"),
@@ -790,7 +833,8 @@ QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthC
 
 def check_never_raises(raw: bytes) -> None:
     bounce = parse_bounce(raw)
-    assert bounce is None or bounce.kind in ("hard", "soft", "policy")
+    assert bounce is None or bounce.kind in ("hard", "soft", "policy", "delayed")
+    assert bounce is None or bounce.final == (bounce.kind != "delayed")
     reply = classify_auto_reply(raw, received_at=RECEIVED)
     assert reply is None or reply.kind in ("out_of_office", "auto_reply")
     if reply is not None and reply.return_date is not None:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas.events import BounceType, EmailFailed, FailureKind
 from services.tracker.domain import (
     PIXEL_GIF,
     InboundInvalid,
+    bounce_dedupe_key,
+    choose_reply_target,
     click_dedupe_key,
+    delay_dedupe_key,
     message_ids,
     minute_bucket,
     open_dedupe_key,
     parse_inbound,
+    rejection_bounce_type,
     reply_dedupe_key,
     unsubscribe_dedupe_key,
 )
@@ -265,5 +271,93 @@ def test_kinds_of_key_never_collide() -> None:
         click_dedupe_key(FIRST, 0, AT),
         unsubscribe_dedupe_key(FIRST),
         reply_dedupe_key(FIRST),
+        bounce_dedupe_key(FIRST, REPLY_ID),
+        delay_dedupe_key(FIRST, REPLY_ID),
     }
-    assert len(keys) == 4
+    assert len(keys) == 6
+
+
+def test_a_delay_notice_never_shares_a_key_with_the_final_failure() -> None:
+    """Keyed by the report itself: the delay notice and the later failure (same status
+    code, same message) are two facts; the same report delivered twice is one."""
+    delay, failure = "<dsn-1@mx.example.org>", "<dsn-2@mx.example.org>"
+    assert delay_dedupe_key(FIRST, delay) != bounce_dedupe_key(FIRST, failure)
+    assert bounce_dedupe_key(FIRST, delay) != bounce_dedupe_key(FIRST, failure)
+    assert bounce_dedupe_key(FIRST, failure) == bounce_dedupe_key(FIRST, failure)
+
+
+def test_recipients_of_an_inbound_email() -> None:
+    assert parse_inbound(GMAIL_REPLY).recipients == ["sales@acme.example"]
+    raw = (
+        b"From: a@example.org\r\nTo: Sam <Sam@Acme.example>, b@example.org\r\n"
+        b"Cc: sam@acme.example, c@example.org\r\nSubject: x\r\n\r\nhi\r\n"
+    )
+    assert parse_inbound(raw).recipients == ["sam@acme.example", "b@example.org", "c@example.org"]
+    assert parse_inbound(b"From: a@example.org\r\n\r\nhi\r\n").recipients == []
+
+
+def candidate(tenant: str, sender: str, minutes_ago: int) -> dict[str, object]:
+    return {
+        "tenant_id": tenant,
+        "from_email": sender,
+        "sent_at": AT - timedelta(minutes=minutes_ago),
+    }
+
+
+def test_reply_by_address_prefers_the_mailbox_it_was_sent_to() -> None:
+    acme = candidate("acme", "Sam@Acme.example", 60)
+    other = candidate("globex", "hank@globex.example", 5)
+    assert choose_reply_target([acme, other], ["sam@acme.example"]) is acme
+    assert choose_reply_target([acme, other], ["hank@globex.example"]) is other
+
+
+def test_reply_by_address_with_one_tenant_takes_its_latest_message() -> None:
+    only = candidate("acme", "sam@acme.example", 60)
+    assert choose_reply_target([only], ["inbound@parse.acme.example"]) is only
+    assert choose_reply_target([only], []) is only
+
+
+def test_reply_by_address_is_not_guessed_between_tenants() -> None:
+    acme = candidate("acme", "sam@acme.example", 60)
+    other = candidate("globex", "hank@globex.example", 5)
+    assert choose_reply_target([acme, other], ["inbound@parse.example"]) is None
+    assert choose_reply_target([], ["sam@acme.example"]) is None
+
+
+def failed(**changes: object) -> EmailFailed:
+    values: dict[str, object] = {
+        "lead_id": uuid.uuid4(),
+        "enrollment_id": uuid.uuid4(),
+        "sequence_id": uuid.uuid4(),
+        "step_id": uuid.uuid4(),
+        "step_index": 0,
+        "delivery_key": "dk-1",
+        "to_email": "ada@example.org",
+        "failure": FailureKind.PERMANENT,
+        "reason": "550 5.1.1 <ada@example.org>: Recipient address rejected: User unknown",
+        "smtp_code": 550,
+    }
+    values.update(changes)
+    return EmailFailed.model_validate(values)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"bounce_type": BounceType.HARD, "enhanced_status": "5.1.1"}, BounceType.HARD),
+        ({"bounce_type": BounceType.POLICY, "enhanced_status": "5.7.1"}, BounceType.POLICY),
+        # The sender's classification stands, whatever the text says.
+        ({"bounce_type": BounceType.SOFT}, BounceType.SOFT),
+        # Not classified by the sender: by the enhanced status code, as for a DSN.
+        ({"enhanced_status": "5.1.1"}, BounceType.HARD),
+        ({"enhanced_status": "5.7.26", "reason": "550 5.7.26 DMARC policy"}, BounceType.POLICY),
+        ({"enhanced_status": "5.2.2", "reason": "552 5.2.2 Mailbox full"}, BounceType.SOFT),
+        ({}, BounceType.HARD),  # the code in the server's text
+        ({"reason": "550 go away", "smtp_code": 550}, None),  # no code: not guessed
+        ({"failure": FailureKind.SUPPRESSED, "bounce_type": BounceType.HARD}, None),
+        ({"failure": FailureKind.CANCELLED}, None),
+        ({"failure": FailureKind.INVALID}, None),
+    ],
+)
+def test_how_a_rejection_counts(changes: dict[str, object], expected: BounceType | None) -> None:
+    assert rejection_bounce_type(failed(**changes)) == expected

@@ -340,7 +340,7 @@ def test_mailgun_signed_event_verifies_and_normalises() -> None:
         ("opened", ("opened", None)),
         ("clicked", ("clicked", None)),
         ("failed_permanent", ("bounced", "hard")),
-        ("failed_temporary", ("bounced", "soft")),
+        ("failed_temporary", ("deferred", None)),  # Mailgun retries it: not a bounce
         ("unsubscribed", ("unsubscribed", None)),
         ("complained", ("complained", None)),
     ],
@@ -529,7 +529,7 @@ def test_postmark_documented_events() -> None:
         ("HardBounce", ("bounced", "hard")),
         ("BadEmailAddress", ("bounced", "hard")),
         ("SoftBounce", ("bounced", "soft")),
-        ("Transient", ("bounced", "soft")),
+        ("Transient", ("deferred", None)),  # Postmark: "Message delayed"
         ("DnsError", ("bounced", "soft")),
         ("Blocked", ("bounced", "policy")),
         ("SpamNotification", ("bounced", "policy")),
@@ -614,13 +614,23 @@ def signer() -> Signer:
     return Signer()
 
 
-def sns(kind: str) -> dict[str, Any]:
+def documented_sns(kind: str) -> dict[str, Any]:
+    """The SNS documentation's example, as published (in 2012)."""
     message: dict[str, Any] = load("sns_messages.json")[kind]
     return message
 
 
+def sns_time(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def sns(kind: str, *, age: timedelta = timedelta(seconds=1)) -> dict[str, Any]:
+    """The documented example, published ``age`` ago (the replay window is checked)."""
+    return dict(documented_sns(kind), Timestamp=sns_time(datetime.now(UTC) - age))
+
+
 def test_sns_string_to_sign_follows_the_documented_order() -> None:
-    notification = sns("Notification")
+    notification = documented_sns("Notification")
     assert sns_string_to_sign(notification) == (
         b"Message\nHello world!\n"
         b"MessageId\n22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324\n"
@@ -631,7 +641,7 @@ def test_sns_string_to_sign_follows_the_documented_order() -> None:
     )
     del notification["Subject"]
     assert b"Subject" not in sns_string_to_sign(notification)
-    confirmation = sns("SubscriptionConfirmation")
+    confirmation = documented_sns("SubscriptionConfirmation")
     names = ["Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"]
     expected = "".join(f"{name}\n{confirmation[name]}\n" for name in names)
     assert sns_string_to_sign(confirmation) == expected.encode()
@@ -648,6 +658,36 @@ async def test_sns_signed_messages_verify(signer: Signer, kind: str, version: st
     await verifier.verify(signer.sign(sns(kind), version))
     await verifier.verify(signer.sign(sns(kind), version))
     assert fetch.calls == [CERT_URL]  # fetched once, then cached
+
+
+@pytest.mark.parametrize(
+    "kind", ["Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"]
+)
+async def test_sns_messages_outside_the_replay_window_are_rejected(
+    signer: Signer, kind: str
+) -> None:
+    """Correctly signed, but published longer ago (or later) than the tolerance."""
+    verifier = SnsVerifier({TOPIC}, Fetch(signer.pem), tolerance=300)
+    await verifier.verify(signer.sign(sns(kind, age=timedelta(seconds=290)), "2"))
+    for age in (timedelta(seconds=310), timedelta(days=1), -timedelta(seconds=310)):
+        with pytest.raises(WebhookRejected) as excinfo:
+            await verifier.verify(signer.sign(sns(kind, age=age), "2"))
+        rejected(excinfo, 401)
+        assert "replay window" in excinfo.value.reason
+    # The documentation's own example, signed as it was published: long stale.
+    with pytest.raises(WebhookRejected) as excinfo:
+        await verifier.verify(signer.sign(documented_sns(kind), "1"))
+    rejected(excinfo, 401)
+    # A tolerance is a setting: a verifier allowing a day takes the day-old message.
+    lenient = SnsVerifier({TOPIC}, Fetch(signer.pem), tolerance=2 * 86400)
+    await lenient.verify(signer.sign(sns(kind, age=timedelta(days=1)), "2"))
+
+
+async def test_sns_timestamp_that_is_not_a_time_is_malformed(signer: Signer) -> None:
+    verifier = SnsVerifier({TOPIC}, Fetch(signer.pem))
+    with pytest.raises(WebhookRejected) as excinfo:
+        await verifier.verify(signer.sign(dict(sns("Notification"), Timestamp="yesterday")))
+    rejected(excinfo, 400)
 
 
 async def test_sns_notification_without_subject(signer: Signer) -> None:
