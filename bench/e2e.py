@@ -144,6 +144,15 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
             (
                 await client.post(f"http://127.0.0.1:{ports['nurture']}/sequences/launch/activate")
             ).raise_for_status()
+            # The router refuses leads for a sequence its catalog does not have yet.
+            catalog_url = f"http://127.0.0.1:{ports['router']}/sequences"
+            for _ in range(600):
+                items = (await client.get(catalog_url)).json()["items"]
+                if any(s["key"] == "launch" and s["status"] == "active" for s in items):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("the router never learned of sequence 'launch'")
         producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5)
         await producer.start()
         try:

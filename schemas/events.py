@@ -175,6 +175,35 @@ class StepDue(Event):
     tracking: bool = True
 
 
+# ---------------------------------------------------------------------- sequences
+
+#: The built-in sequences. Nurture creates them for a tenant on first use, so they
+#: exist for every tenant unless that tenant has a sequence of the same key.
+PRESET_SEQUENCE_KEYS: tuple[str, ...] = (
+    "aggressive_close",
+    "regular_nurture",
+    "long_term_nurture",
+    "cold_outreach",
+)
+
+
+class SequenceChanged(Event):
+    """A sequence was created, activated, paused, archived, deleted (a draft) or got a
+    new version (topic ``sequences``, keyed by tenant and sequence key). The router keeps
+    the latest of each in its catalog, to refuse leads and routing rules that name a
+    sequence that does not exist or takes no leads."""
+
+    event_type: Literal["SequenceChanged"] = "SequenceChanged"
+    sequence_key: str = Field(min_length=1, max_length=100)
+    sequence_id: uuid.UUID
+    status: Literal["draft", "active", "paused", "archived", "deleted"]
+    #: The version new enrollments join (None once deleted).
+    current_version: int | None = Field(default=None, ge=1)
+
+    def kafka_key(self) -> bytes:
+        return f"{self.tenant_id}:{self.sequence_key}".encode()
+
+
 # -------------------------------------------------------------------------- sender
 
 
@@ -346,6 +375,7 @@ TOPIC_EVENTS: dict[str, TypeAdapter[Any]] = {
     topics.ENGAGEMENT: TypeAdapter(EngagementReceived),
     topics.WEBHOOKS_RAW: TypeAdapter(WebhookReceived),
     topics.LEAD_UPDATES: TypeAdapter(LeadUpdateRequested),
+    topics.SEQUENCES: TypeAdapter(SequenceChanged),
 }
 
 

@@ -12,6 +12,8 @@ ENGAGEMENT: Final = "engagement"
 WEBHOOKS_RAW: Final = "webhooks-raw"
 #: Sequence actions on a lead (status, tags, owner), applied by the router.
 LEAD_UPDATES: Final = "lead-updates"
+#: Nurture's sequence catalog (SequenceChanged), kept by the router.
+SEQUENCES: Final = "sequences"
 
 ALL: Final[tuple[str, ...]] = (
     LEADS,
@@ -21,6 +23,7 @@ ALL: Final[tuple[str, ...]] = (
     ENGAGEMENT,
     WEBHOOKS_RAW,
     LEAD_UPDATES,
+    SEQUENCES,
 )
 
 DLQ_SUFFIX: Final = "-dlq"

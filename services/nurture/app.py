@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from schemas import topics
 from schemas.events import EmailFailed, EmailSent, EngagementReceived, LeadRouted
-from services.nurture import api, handlers, notify, repo
+from services.nurture import api, handlers, notify, repo, sequences
 from services.nurture.presets import PRESETS
 from services.runtime.consumer import Rejection, TopicHandler, is_transient
 from services.runtime.service import BackgroundLoop, Service
@@ -41,7 +41,7 @@ class NurtureService(Service[NurtureSettings]):
         }
 
     def produced_topics(self) -> list[str]:
-        return [topics.STEP_DUE, topics.LEAD_UPDATES]
+        return [topics.STEP_DUE, topics.LEAD_UPDATES, topics.SEQUENCES]
 
     def after_commit(self) -> None:
         self._due.set()  # new enrollments or advanced ones may be due right now
@@ -51,7 +51,7 @@ class NurtureService(Service[NurtureSettings]):
     async def on_started(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             for preset in PRESETS.values():
-                await repo.ensure_preset(conn, "default", preset)
+                await sequences.ensure_preset(conn, "default", preset)
 
     async def _on_lead_routed(
         self, conn: asyncpg.Connection, events: list[LeadRouted]

@@ -38,6 +38,7 @@ from services.nurture.domain import (
 )
 from services.nurture.model import parse_settings
 from services.nurture.presets import PRESETS
+from services.nurture.sequences import ensure_preset
 from services.nurture.templates import RenderError, render, template_context
 from services.runtime.consumer import Rejection
 from services.runtime.outbox import enqueue_many
@@ -326,7 +327,8 @@ async def handle_lead_routed(
         if cache_key not in sequences:
             sequence = await repo.active_sequence(conn, event.tenant_id, event.sequence)
             if sequence is None and event.sequence in PRESETS:
-                await repo.ensure_preset(conn, event.tenant_id, PRESETS[event.sequence])
+                # Created for this tenant on first use, and announced to the router.
+                await ensure_preset(conn, event.tenant_id, PRESETS[event.sequence])
                 sequence = await repo.active_sequence(conn, event.tenant_id, event.sequence)
             sequences[cache_key] = sequence
         sequence = sequences[cache_key]

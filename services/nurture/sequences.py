@@ -13,6 +13,8 @@ from typing import Any
 
 import asyncpg
 
+from schemas import topics
+from schemas.events import SequenceChanged
 from services.nurture import repo
 from services.nurture.model import (
     ActionStep,
@@ -29,6 +31,8 @@ from services.nurture.model import (
     validate_sequence,
     version_for_edit,
 )
+from services.nurture.presets import Preset
+from services.runtime.outbox import enqueue
 
 AnyStep = EmailStep | WaitStep | ConditionStep | ActionStep
 KeyedSteps = list[tuple[str, AnyStep]]
@@ -81,6 +85,48 @@ async def _get(conn: asyncpg.Connection, tenant_id: str, ref: str) -> asyncpg.Re
     return row
 
 
+async def _announce(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    key: str,
+    sequence_id: uuid.UUID,
+    status: str,
+    current_version: int | None,
+) -> None:
+    """Tell the router (topic ``sequences``, through the outbox, in this transaction)
+    what the sequence is now: the router refuses leads for sequences it does not know."""
+    await enqueue(
+        conn,
+        topics.SEQUENCES,
+        SequenceChanged(
+            tenant_id=tenant_id,
+            sequence_key=key,
+            sequence_id=sequence_id,
+            status=status,
+            current_version=current_version,
+        ),
+    )
+
+
+async def _changed(
+    conn: asyncpg.Connection, tenant_id: str, sequence_id: uuid.UUID
+) -> asyncpg.Record:
+    """The sequence after a change, announced."""
+    row = await _get(conn, tenant_id, str(sequence_id))
+    await _announce(conn, tenant_id, row["key"], row["id"], row["status"], row["current_version"])
+    return row
+
+
+async def ensure_preset(conn: asyncpg.Connection, tenant_id: str, preset: Preset) -> bool:
+    """Create a preset sequence for a tenant that has no sequence of its key (and
+    announce it); True when it was created."""
+    sequence_id = await repo.ensure_preset(conn, tenant_id, preset)
+    if sequence_id is None:
+        return False
+    await _announce(conn, tenant_id, preset.key, sequence_id, "active", 1)
+    return True
+
+
 async def _write_steps(conn: asyncpg.Connection, version_id: uuid.UUID, steps: KeyedSteps) -> None:
     await repo.delete_steps(conn, version_id)
     await repo.insert_steps(conn, version_id, [(k, s.type, step_config(s)) for k, s in steps])
@@ -105,6 +151,7 @@ async def create(
         conn, tenant_id, key, name, description, parsed_settings.model_dump(exclude_none=True)
     )
     await _write_steps(conn, version_id, parsed)
+    await _changed(conn, tenant_id, sequence_id)
     return sequence_id
 
 
@@ -140,7 +187,7 @@ async def update(
         name if name is not None else row["name"],
         description if description is not None else row["description"],
     )
-    return await _get(conn, tenant_id, str(row["id"]))
+    return await _changed(conn, tenant_id, row["id"])
 
 
 async def edit_steps(
@@ -164,7 +211,7 @@ async def edit_steps(
     else:
         version_id = row["version_id"]
     await _write_steps(conn, version_id, steps)
-    return await _get(conn, tenant_id, str(row["id"]))
+    return await _changed(conn, tenant_id, row["id"])
 
 
 async def activate(conn: asyncpg.Connection, tenant_id: str, ref: str) -> asyncpg.Record:
@@ -176,7 +223,7 @@ async def activate(conn: asyncpg.Connection, tenant_id: str, ref: str) -> asyncp
     await _check_moves(conn, tenant_id, steps)
     await repo.freeze_version(conn, row["version_id"])
     await repo.set_sequence_status(conn, row["id"], "active")
-    return await _get(conn, tenant_id, str(row["id"]))
+    return await _changed(conn, tenant_id, row["id"])
 
 
 async def set_status(
@@ -187,7 +234,7 @@ async def set_status(
     if status == "paused" and row["status"] != "active":
         raise Conflict(f"only an active sequence can be paused (it is {row['status']})")
     await repo.set_sequence_status(conn, row["id"], status)
-    return await _get(conn, tenant_id, str(row["id"]))
+    return await _changed(conn, tenant_id, row["id"])
 
 
 async def delete(conn: asyncpg.Connection, tenant_id: str, ref: str) -> None:
@@ -195,6 +242,7 @@ async def delete(conn: asyncpg.Connection, tenant_id: str, ref: str) -> None:
     if row["status"] != "draft":
         raise Conflict(f"only drafts can be deleted; this sequence is {row['status']}: archive it")
     await repo.delete_sequence(conn, row["id"])
+    await _announce(conn, tenant_id, row["key"], row["id"], "deleted", None)
 
 
 async def duplicate(

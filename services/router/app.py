@@ -12,7 +12,13 @@ from fastapi import Body, FastAPI, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 
 from schemas import topics
-from schemas.events import EngagementReceived, LeadReceived, LeadUpdateRequested
+from schemas.events import (
+    PRESET_SEQUENCE_KEYS,
+    EngagementReceived,
+    LeadReceived,
+    LeadUpdateRequested,
+    SequenceChanged,
+)
 from services.router import domain, handlers, repo
 from services.router.domain import LEAD_STATUSES
 from services.runtime.consumer import Rejection, TopicHandler
@@ -36,6 +42,7 @@ def _intake_json(result: handlers.IntakeResult) -> dict[str, Any]:
         "routed": result.routed,
         "sequence": result.sequence,
         "reason": result.reason,
+        "duplicate": result.duplicate,
     }
 
 
@@ -48,6 +55,7 @@ class RouterService(Service[RouterSettings]):
             topics.LEADS: self._on_leads,
             topics.ENGAGEMENT: self._on_engagement,
             topics.LEAD_UPDATES: self._on_lead_updates,
+            topics.SEQUENCES: self._on_sequences,
         }
 
     def produced_topics(self) -> list[str]:
@@ -74,9 +82,22 @@ class RouterService(Service[RouterSettings]):
     ) -> list[Rejection]:
         return await handlers.handle_lead_update_requested(conn, events, now=self.clock.now())
 
+    async def _on_sequences(self, conn: asyncpg.Connection, events: list[SequenceChanged]) -> None:
+        await handlers.handle_sequence_changed(conn, events, now=self.clock.now())
+
     def add_routes(self, app: FastAPI) -> None:
         self._add_lead_routes(app)
         self._add_rule_routes(app)
+
+        @app.get("/sequences", tags=["sequences"])
+        async def sequence_catalog(tenant_id: Tenant = "default") -> dict[str, Any]:
+            """The sequences the router knows of a tenant (nurture's, as its
+            SequenceChanged events reported them), and the preset keys, which exist
+            for every tenant unless the catalog says otherwise."""
+            return {
+                "items": await repo.list_catalog(self.pool, tenant_id),
+                "presets": list(PRESET_SEQUENCE_KEYS),
+            }
 
     def _add_lead_routes(self, app: FastAPI) -> None:
         @app.post(
@@ -84,10 +105,16 @@ class RouterService(Service[RouterSettings]):
             tags=["leads"],
             status_code=201,
             responses={
-                200: {"description": "one lead that updated an existing lead, or a batch"},
+                200: {
+                    "description": "one lead that updated an existing lead (or an event"
+                    " applied already: `duplicate`), or a batch"
+                },
                 201: {"description": "one lead, created"},
                 409: {"description": "a concurrent write to the same lead; retry"},
-                422: {"description": "invalid input; nothing was written"},
+                422: {
+                    "description": "invalid input, or a sequence the tenant does not have"
+                    " or that takes no leads; nothing was written"
+                },
             },
         )
         async def post_leads(
@@ -96,8 +123,9 @@ class RouterService(Service[RouterSettings]):
                 str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
             ] = None,
         ) -> JSONResponse:
-            """Intake, like the `leads` topic: one `{"lead": {...}, "sequence": ...}` or a
-            batch `{"leads": [...]}` of at most 1000, applied all or none."""
+            """Intake, like the `leads` topic and with its JSON (envelope included; an
+            `event_id` makes the request idempotent): one `{"lead": {...}, "sequence":
+            ...}` or a batch `{"leads": [...]}` of at most 1000, applied all or none."""
             batch = isinstance(body, handlers.LeadIntakeBatch)
             try:
                 tenant = handlers.request_tenant(tenant_id, body)

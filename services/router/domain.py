@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from email_validator import EmailNotValidError, validate_email
 
 from schemas.events import (
+    PRESET_SEQUENCE_KEYS,
     BounceType,
     EngagementReceived,
     EngagementType,
@@ -165,6 +166,55 @@ def choose_sequence(
         if rule_matches(rule, lead):
             return RoutingDecision(True, rule.sequence, f"rule {rule.name!r}", rule.id)
     return RoutingDecision(True, default, "default sequence")
+
+
+# ---------------------------------------------------------------- sequence catalog
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """What the router knows of one sequence of a tenant (from SequenceChanged)."""
+
+    status: str
+    current_version: int | None = None
+
+
+def _unknown(key: str, tenant_id: str, chosen: str | None = None) -> str:
+    how = f" ({chosen})" if chosen else ""
+    return (
+        f"unknown sequence {key!r}{how}: tenant {tenant_id!r} has no such sequence; one"
+        " created moments ago may not have reached the router yet"
+    )
+
+
+def _exists(key: str, entry: CatalogEntry | None) -> bool:
+    """The preset keys exist for every tenant (nurture creates them on first use) unless
+    the catalog says otherwise for that tenant."""
+    if entry is None or entry.status == "deleted":
+        return key in PRESET_SEQUENCE_KEYS
+    return True
+
+
+def routing_refusal(
+    decision: RoutingDecision, entry: CatalogEntry | None, tenant_id: str
+) -> str | None:
+    """Why a lead cannot go where ``decision`` routes it (None: it can). ``entry`` is
+    the catalog's entry for the decision's sequence."""
+    key = decision.sequence
+    if not decision.route or key is None:
+        return None
+    if not _exists(key, entry):
+        return _unknown(key, tenant_id, decision.reason)
+    if entry is not None and entry.status not in ("active", "deleted"):
+        return f"sequence {key!r} ({decision.reason}) is {entry.status}: it takes no new leads"
+    return None
+
+
+def rule_refusal(key: str, entry: CatalogEntry | None, tenant_id: str) -> str | None:
+    """Why a routing rule cannot name sequence ``key`` (None: it can). A rule may name a
+    sequence that is not active now (a draft to be activated, a paused one): leads it
+    routes there are refused until it is."""
+    return None if _exists(key, entry) else _unknown(key, tenant_id)
 
 
 # ------------------------------------------------------------- routing rules as data

@@ -6,10 +6,19 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    model_validator,
+)
 
 from schemas import topics
 from schemas.events import (
@@ -19,6 +28,7 @@ from schemas.events import (
     LeadRouted,
     LeadSnapshot,
     LeadUpdateRequested,
+    SequenceChanged,
     TenantId,
 )
 from services.router import domain, repo
@@ -29,6 +39,9 @@ from services.runtime.outbox import enqueue
 MAX_BATCH = 1000
 #: Most routing rules one tenant may have in one ``PUT /routing-rules``.
 MAX_RULES = 1000
+#: The inbox consumer name of lead intake, over the topic and over HTTP alike: an
+#: event posted and also published is applied once.
+INTAKE_CONSUMER = "router"
 
 
 class InvalidItems(ValueError):
@@ -45,14 +58,36 @@ class InvalidItems(ValueError):
 # ------------------------------------------------------------------ HTTP request bodies
 
 
+def _refuse_unknown_fields(value: Any, allowed: tuple[str, ...], what: str) -> Any:
+    if isinstance(value, dict):
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {', '.join(unknown)}; {what} takes {', '.join(allowed)}"
+            )
+    return value
+
+
 class LeadIntake(BaseModel):
-    """``POST /leads`` with one lead (also an item of a batch)."""
+    """``POST /leads`` with one lead (also an item of a batch): the JSON of the
+    ``leads`` topic, envelope fields included."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lead: LeadData
     sequence: str | None = Field(default=None, max_length=100)
     tenant_id: TenantId | None = None
+    #: The envelope, as on the topic. ``event_id`` makes the request idempotent: an
+    #: event applied already (over HTTP or from the topic) changes nothing.
+    event_type: Literal["LeadReceived"] | None = None
+    event_id: uuid.UUID | None = None
+    occurred_at: AwareDatetime | None = None
+    schema_version: Literal[1] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, value: Any) -> Any:
+        return _refuse_unknown_fields(value, tuple(cls.model_fields), "a lead intake")
 
 
 class LeadIntakeBatch(BaseModel):
@@ -62,6 +97,11 @@ class LeadIntakeBatch(BaseModel):
 
     leads: list[LeadIntake] = Field(min_length=1, max_length=MAX_BATCH)
     tenant_id: TenantId | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, value: Any) -> Any:
+        return _refuse_unknown_fields(value, tuple(cls.model_fields), "a batch")
 
 
 def _intake_kind(value: Any) -> str | None:
@@ -124,6 +164,23 @@ class IntakeResult:
     routed: bool
     sequence: str | None
     reason: str
+    #: The request's event_id was applied already: nothing changed.
+    duplicate: bool = False
+
+
+class Catalog:
+    """The sequence catalog as one request or one consumed batch reads it: each
+    sequence is looked up once."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], domain.CatalogEntry | None] = {}
+
+    async def entry(
+        self, conn: asyncpg.Connection, tenant_id: str, key: str
+    ) -> domain.CatalogEntry | None:
+        if (tenant_id, key) not in self._entries:
+            self._entries[(tenant_id, key)] = await repo.catalog_entry(conn, tenant_id, key)
+        return self._entries[(tenant_id, key)]
 
 
 async def intake_lead(
@@ -134,10 +191,13 @@ async def intake_lead(
     requested_sequence: str | None,
     default_sequence: str,
     now: datetime,
+    catalog: Catalog | None = None,
 ) -> IntakeResult:
     """Validate, store (deduped by external id and email) and route one lead.
 
-    Raises ``domain.LeadInvalid``; the caller's transaction then writes nothing.
+    Raises ``domain.LeadInvalid`` (among others when the sequence it would be routed
+    to does not exist or takes no leads); the caller's transaction (or savepoint) then
+    writes nothing.
     """
     lead = domain.normalise_lead(lead_data)
     existing = await repo.find_lead_for_update(conn, tenant_id, lead.email, lead.external_id)
@@ -156,6 +216,11 @@ async def intake_lead(
         status, created = existing["status"], False
     rules = await repo.routing_rules(conn, tenant_id)
     decision = domain.choose_sequence(lead, status, requested_sequence, rules, default_sequence)
+    if decision.route and decision.sequence is not None:
+        entry = await (catalog or Catalog()).entry(conn, tenant_id, decision.sequence)
+        refusal = domain.routing_refusal(decision, entry, tenant_id)
+        if refusal is not None:
+            raise domain.LeadInvalid(refusal)
     await repo.set_routing(conn, lead_id, decision.sequence, decision.reason, now, decision.rule_id)
     if decision.route and decision.sequence is not None:
         stored = await repo.get_lead(conn, tenant_id, lead_id)
@@ -187,14 +252,21 @@ async def intake_leads(
     Each item is validated and applied exactly as on the ``leads`` topic (its
     LeadRouted goes to the outbox in the same transaction). Every item is tried,
     so that the error lists all invalid items; then ``InvalidItems`` rolls it all
-    back.
+    back. An item whose ``event_id`` was applied already (over HTTP or from the
+    topic) changes nothing and is answered as a duplicate.
     """
     results: list[IntakeResult] = []
     errors: list[tuple[int, str]] = []
+    catalog = Catalog()
     async with pool.acquire() as conn, conn.transaction():
         for index, item in enumerate(items):
             try:
                 async with conn.transaction():  # a savepoint: an invalid item leaves nothing
+                    if item.event_id is not None and not await repo.claim_event(
+                        conn, INTAKE_CONSUMER, item.event_id
+                    ):
+                        results.append(await _duplicate(conn, tenant_id, item))
+                        continue
                     result = await intake_lead(
                         conn,
                         tenant_id=tenant_id,
@@ -202,6 +274,7 @@ async def intake_leads(
                         requested_sequence=item.sequence,
                         default_sequence=default_sequence,
                         now=now,
+                        catalog=catalog,
                     )
             except domain.LeadInvalid as exc:
                 errors.append((index, str(exc)))
@@ -212,10 +285,30 @@ async def intake_leads(
     return results
 
 
+async def _duplicate(conn: asyncpg.Connection, tenant_id: str, item: LeadIntake) -> IntakeResult:
+    """The answer to an intake whose event was applied already: the lead as it is."""
+    lead = domain.normalise_lead(item.lead)
+    stored = await repo.find_lead(conn, tenant_id, lead.email, lead.external_id)
+    if stored is None:
+        raise domain.LeadInvalid(
+            f"event_id {item.event_id} was applied already, to another lead: a new event"
+            " needs a new event_id"
+        )
+    return IntakeResult(
+        stored["id"],
+        created=False,
+        routed=False,
+        sequence=stored["sequence"],
+        reason=f"event {item.event_id} was applied already: nothing changed",
+        duplicate=True,
+    )
+
+
 async def handle_lead_received(
     conn: asyncpg.Connection, events: list[LeadReceived], *, default_sequence: str, now: datetime
 ) -> list[Rejection]:
     rejections: list[Rejection] = []
+    catalog = Catalog()
     for event in events:
         try:
             async with conn.transaction():  # a savepoint: a rejected lead leaves nothing
@@ -226,10 +319,32 @@ async def handle_lead_received(
                     requested_sequence=event.sequence,
                     default_sequence=default_sequence,
                     now=now,
+                    catalog=catalog,
                 )
         except domain.LeadInvalid as exc:
             rejections.append(Rejection(event, str(exc)))
     return rejections
+
+
+async def handle_sequence_changed(
+    conn: asyncpg.Connection, events: list[SequenceChanged], *, now: datetime
+) -> None:
+    """Nurture's sequences into the router's catalog (the latest change of each wins)."""
+    await repo.apply_sequence_changes(
+        conn,
+        [
+            (
+                e.tenant_id,
+                e.sequence_key,
+                e.sequence_id,
+                e.status,
+                e.current_version,
+                e.occurred_at,
+                now,
+            )
+            for e in events
+        ],
+    )
 
 
 async def handle_engagement_received(
@@ -310,12 +425,29 @@ def validate_rules(rules: Sequence[RoutingRuleIn]) -> list[domain.RuleSpec]:
     return specs
 
 
+async def _unknown_sequences(
+    conn: asyncpg.Connection, tenant_id: str, specs: Sequence[domain.RuleSpec]
+) -> list[tuple[int, str]]:
+    """Rules that name a sequence the tenant does not have, as (index, reason)."""
+    catalog = Catalog()
+    errors: list[tuple[int, str]] = []
+    for index, spec in enumerate(specs):
+        entry = await catalog.entry(conn, tenant_id, spec.sequence)
+        refusal = domain.rule_refusal(spec.sequence, entry, tenant_id)
+        if refusal is not None:
+            errors.append((index, refusal))
+    return errors
+
+
 async def replace_rules(
     pool: asyncpg.Pool, tenant_id: str, rules: Sequence[RoutingRuleIn], now: datetime
 ) -> list[dict[str, Any]]:
     """Replace a tenant's whole ordered rule list atomically."""
     specs = validate_rules(rules)
     async with pool.acquire() as conn, conn.transaction():
+        unknown_sequences = await _unknown_sequences(conn, tenant_id, specs)
+        if unknown_sequences:
+            raise InvalidItems(unknown_sequences)
         await repo.lock_routing_rules(conn, tenant_id)
         previous = await repo.delete_all_routing_rules(conn, tenant_id)
         unknown = [(i, r.id) for i, r in enumerate(rules) if r.id and r.id not in previous]
@@ -340,6 +472,9 @@ async def append_rule(
         raise domain.RuleInvalid("a new rule gets its id from the server: leave id out")
     spec = domain.validate_rule(rule.name, rule.match, rule.sequence, rule.enabled)
     async with pool.acquire() as conn, conn.transaction():
+        unknown_sequences = await _unknown_sequences(conn, tenant_id, [spec])
+        if unknown_sequences:
+            raise domain.RuleInvalid(unknown_sequences[0][1])
         await repo.lock_routing_rules(conn, tenant_id)
         position = await repo.next_rule_position(conn, tenant_id)
         stored = await repo.insert_routing_rule(conn, uuid.uuid4(), tenant_id, position, spec, now)

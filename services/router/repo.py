@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.router.domain import LeadState, NormalisedLead, RoutingRule, RuleSpec
+from services.router.domain import (
+    CatalogEntry,
+    LeadState,
+    NormalisedLead,
+    RoutingRule,
+    RuleSpec,
+)
 
 LEAD_COLUMNS = (
     "id, tenant_id, email, external_id, first_name, last_name, company, title, timezone,"
@@ -360,3 +367,73 @@ async def status_history(
         tenant_id,
     )
     return [dict(r) for r in rows]
+
+
+# ------------------------------------------------------------------ sequence catalog
+
+
+async def catalog_entry(conn: asyncpg.Connection, tenant_id: str, key: str) -> CatalogEntry | None:
+    row = await conn.fetchrow(
+        "SELECT status, current_version FROM sequences WHERE tenant_id = $1 AND key = $2",
+        tenant_id,
+        key,
+    )
+    return None if row is None else CatalogEntry(row["status"], row["current_version"])
+
+
+async def apply_sequence_changes(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Rows: (tenant_id, key, sequence_id, status, current_version, changed_at, now), in
+    the order they happened. A change older than the one applied already is ignored."""
+    if rows:
+        await conn.executemany(
+            "INSERT INTO sequences (tenant_id, key, sequence_id, status, current_version,"
+            " changed_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (tenant_id, key) DO UPDATE SET sequence_id = excluded.sequence_id,"
+            " status = excluded.status, current_version = excluded.current_version,"
+            " changed_at = excluded.changed_at, updated_at = excluded.updated_at"
+            " WHERE sequences.changed_at <= excluded.changed_at",
+            rows,
+        )
+
+
+async def list_catalog(pool: asyncpg.Pool, tenant_id: str) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT key, sequence_id, status, current_version, changed_at, updated_at"
+        " FROM sequences WHERE tenant_id = $1 ORDER BY key",
+        tenant_id,
+    )
+    return [dict(r) for r in rows]
+
+
+# ------------------------------------------------------------------------ HTTP intake
+
+
+async def claim_event(conn: asyncpg.Connection, consumer: str, event_id: uuid.UUID) -> bool:
+    """Record an event as applied (the consumer's inbox); False when it was already."""
+    inserted = await conn.fetchval(
+        "INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        consumer,
+        event_id,
+    )
+    return bool(inserted)
+
+
+async def find_lead(
+    conn: asyncpg.Connection, tenant_id: str, email: str, external_id: str | None
+) -> dict[str, Any] | None:
+    """The lead this input is about (by external id first, then by email), unlocked."""
+    row = None
+    if external_id is not None:
+        row = await conn.fetchrow(
+            f"SELECT {LEAD_COLUMNS} FROM leads WHERE tenant_id = $1 AND external_id = $2",
+            tenant_id,
+            external_id,
+        )
+    if row is None:
+        row = await conn.fetchrow(
+            f"SELECT {LEAD_COLUMNS} FROM leads WHERE tenant_id = $1 AND email = $2",
+            tenant_id,
+            email,
+        )
+    return dict(row) if row is not None else None

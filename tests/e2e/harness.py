@@ -183,6 +183,17 @@ class Deployment:
         response.raise_for_status()
         return response.json()
 
+    async def sequence_known(self, key: str, tenant_id: str = "default") -> None:
+        """Wait until the router's catalog has ``key`` active (nurture announces its
+        sequences through the `sequences` topic: the router learns of them a moment
+        after they change, and refuses leads for sequences it does not know yet)."""
+
+        async def active() -> bool:
+            catalog = await self.get("router", "/sequences", tenant_id=tenant_id)
+            return any(s["key"] == key and s["status"] == "active" for s in catalog["items"])
+
+        await self.eventually(active, what=f"the router to know sequence {key!r}")
+
     async def lead(self, address: str) -> dict[str, Any] | None:
         items = (await self.get("router", "/leads", email=address))["items"]
         return items[0] if items else None

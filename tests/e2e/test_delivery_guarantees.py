@@ -7,10 +7,12 @@ import asyncio
 import collections
 import email.utils
 import json
+import uuid
 
 import pytest
 
 from schemas import topics
+from schemas.events import LeadRouted, LeadSnapshot
 from services.runtime.devstack import SERVICES
 from tests.e2e.conftest import DeploymentFactory
 from tests.e2e.harness import Deployment
@@ -137,19 +139,30 @@ async def test_malformed_messages_go_to_each_dlq_and_consumers_keep_going(
         topics.EMAIL_SENT: 2,
         topics.ENGAGEMENT: 3,
         topics.WEBHOOKS_RAW: 1,
+        topics.LEAD_UPDATES: 1,
+        topics.SEQUENCES: 1,
     }
     for topic in consumers_of:
         for value in MALFORMED:
             await d.publish(topic, value, b"some-key")
-    # A lead that validates as JSON but breaks a rule, and one that routes nowhere.
+    # A lead that validates as JSON but breaks a rule, and one that routes nowhere: the
+    # router knows nurture's sequences and refuses it.
     await d.publish(topics.LEADS, b'{"lead": {"email": "nobody-at-example"}}', b"k")
     await d.publish_lead("nowhere@example.com", sequence="no_such_sequence")
+    # Nurture's own check, for a LeadRouted that raced its sequence's deletion.
+    stray = LeadRouted(
+        lead_id=uuid.uuid4(),
+        lead=LeadSnapshot(email="stray@example.com"),
+        sequence="deleted_meanwhile",
+        routing_reason="test",
+    )
+    await d.publish(topics.LEAD_ROUTED, stray.to_bytes(), stray.kafka_key())
     # The pipeline still works after all that.
     await d.publish_lead("ada@example.com", first_name="Ada")
     await d.eventually(lambda: _all_completed(d, 1), timeout=60, what="completion")
 
     for topic, consumers in consumers_of.items():
-        expected = len(MALFORMED) * consumers + {topics.LEADS: 1, topics.LEAD_ROUTED: 1}.get(
+        expected = len(MALFORMED) * consumers + {topics.LEADS: 2, topics.LEAD_ROUTED: 1}.get(
             topic, 0
         )
         records = await d.dead_letters(topic, expected)
@@ -165,9 +178,12 @@ async def test_malformed_messages_go_to_each_dlq_and_consumers_keep_going(
         assert set(MALFORMED) <= values  # original bytes kept
     lead_routed = await d.dead_letters(topics.LEAD_ROUTED, 3)
     reasons = {dict(r.headers)["dlq-reason"].decode() for r in lead_routed}
-    assert "unknown sequence 'no_such_sequence'" in reasons
-    leads_dlq = await d.dead_letters(topics.LEADS, 3)
+    assert "unknown sequence 'deleted_meanwhile'" in reasons
+    leads_dlq = await d.dead_letters(topics.LEADS, 4)
+    leads_reasons = [dict(r.headers)["dlq-reason"].decode() for r in leads_dlq]
+    assert any(r.startswith("invalid email 'nobody-at-example'") for r in leads_reasons)
     assert any(
-        dict(r.headers)["dlq-reason"].decode().startswith("invalid email 'nobody-at-example'")
-        for r in leads_dlq
+        r.startswith("unknown sequence 'no_such_sequence' (requested by the event)")
+        for r in leads_reasons
     )
+    assert await d.lead("nowhere@example.com") is None  # refused: nothing written

@@ -115,6 +115,8 @@ async def test_opener_and_non_opener_get_the_right_emails_inside_the_window(
         assert created.status_code == 201, created.text
         activated = await client.post(d.url("nurture", "/sequences/smart_flow/activate"))
         assert activated.status_code == 200, activated.text
+    # The router refuses leads for sequences its catalog does not have yet.
+    await d.sequence_known("smart_flow")
 
     for address, name in (("opener@acme.example", "Olive"), ("quiet@globex.example", "Quinn")):
         await d.publish_lead(

@@ -5,10 +5,12 @@ data, sequence actions on leads, status history."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -17,7 +19,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import topics
-from schemas.events import LeadAction, LeadUpdateRequested
+from schemas.events import (
+    LeadAction,
+    LeadData,
+    LeadReceived,
+    LeadUpdateRequested,
+    SequenceChanged,
+)
 from services.router.app import RouterService
 from services.router.handlers import seed_default_rules
 from services.runtime.devstack import free_port
@@ -81,6 +89,43 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20) 
     while not await check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.1)
+
+
+async def announce(
+    router: Router,
+    key: str,
+    status: str = "active",
+    *,
+    tenant_id: str = "default",
+    sequence_id: uuid.UUID | None = None,
+    occurred_at: Any = None,
+) -> SequenceChanged:
+    """Publish a SequenceChanged the way nurture does; wait until the router's catalog
+    has applied it (the catalog is eventually consistent: wait for it, never sleep)."""
+    event = SequenceChanged(
+        tenant_id=tenant_id,
+        sequence_key=key,
+        sequence_id=sequence_id or uuid.uuid4(),
+        status=status,
+        current_version=None if status == "deleted" else 1,
+        **({"occurred_at": occurred_at} if occurred_at is not None else {}),
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=router.kafka, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.SEQUENCES, event.to_bytes(), key=event.kafka_key())
+    finally:
+        await producer.stop()
+
+    async def applied() -> bool:
+        return bool(
+            await router.db.fetchval(
+                "SELECT 1 FROM router.inbox WHERE event_id = $1", event.event_id
+            )
+        )
+
+    await eventually(applied)
+    return event
 
 
 # ------------------------------------------------------------------------- intake
@@ -249,7 +294,10 @@ async def test_routing_rules_crud_validation_and_grade_routing(router: Router) -
     default_routed = (await router.http.get(f"/leads/{results[3]['lead_id']}")).json()
     assert default_routed["routing_rule_id"] is None
 
-    # POST appends; DELETE removes; both per tenant.
+    # POST appends; DELETE removes; both per tenant. A rule names a sequence the
+    # tenant has (nurture announces its sequences to the router's catalog).
+    await announce(router, "webinar_follow_up")
+    await announce(router, "webinar_follow_up", tenant_id="acme")
     webinar = {
         "name": "webinars",
         "match": {"source": ["webinar"], "min_score": 10},
@@ -414,3 +462,243 @@ async def test_lead_updates_change_status_tags_and_assignee(router: Router) -> N
     assert dead.value == bad_status.to_bytes()
     reason = dict(dead.headers)["dlq-reason"].decode()
     assert "status must be one of" in reason and "'won'" in reason
+
+
+# --------------------------------------------------------------- sequence catalog
+
+
+async def test_the_sequence_catalog_decides_what_leads_and_rules_may_name(
+    router: Router,
+) -> None:
+    catalog = (await router.http.get("/sequences")).json()
+    assert catalog["items"] == []
+    assert "cold_outreach" in catalog["presets"]
+    before = await router.written()
+
+    async def post(body: dict[str, Any], **params: str) -> httpx.Response:
+        return await router.http.post("/leads", json=body, params=params)
+
+    unknown = await post({"lead": lead("a@example.com"), "sequence": "no_such_sequence"})
+    assert unknown.status_code == 422
+    assert unknown.json()["detail"].startswith(
+        "unknown sequence 'no_such_sequence' (requested by the event): tenant 'default'"
+    )
+    assert await router.written() == before
+
+    # A preset exists for every tenant before nurture ever announces it.
+    preset = await post({"lead": lead("p@acme.example"), "sequence": "aggressive_close"})
+    assert preset.status_code == 201, preset.text
+    before = await router.written()
+
+    await announce(router, "smart_flow", "draft")
+    draft = await post({"lead": lead("b@example.com"), "sequence": "smart_flow"})
+    assert draft.status_code == 422
+    assert draft.json()["detail"] == (
+        "sequence 'smart_flow' (requested by the event) is draft: it takes no new leads"
+    )
+    activated = await announce(router, "smart_flow", "active")
+    ok = await post({"lead": lead("b@example.com"), "sequence": "smart_flow"})
+    assert ok.status_code == 201, ok.text
+    (entry,) = (await router.http.get("/sequences")).json()["items"]
+    assert (entry["key"], entry["status"]) == ("smart_flow", "active")
+    assert entry["sequence_id"] == str(activated.sequence_id)
+    # Another tenant does not have it.
+    other = await post({"lead": lead("c@example.com"), "sequence": "smart_flow"}, tenant_id="acme")
+    assert other.status_code == 422 and "tenant 'acme'" in other.json()["detail"]
+
+    await announce(router, "smart_flow", "paused", sequence_id=activated.sequence_id)
+    # An older change replayed late (e.g. from a DLQ) does not undo a newer one.
+    await announce(
+        router,
+        "smart_flow",
+        "active",
+        sequence_id=activated.sequence_id,
+        occurred_at=activated.occurred_at - timedelta(minutes=1),
+    )
+    before = await router.written()
+    batch = {
+        "leads": [
+            {"lead": lead("d@example.com"), "sequence": "regular_nurture"},
+            {"lead": lead("e@example.com"), "sequence": "smart_flow"},
+            {"lead": lead("f@example.com"), "sequence": "ghost"},
+        ]
+    }
+    refused = await post(batch)
+    assert refused.status_code == 422
+    assert [(d["index"], d["error"].split(":")[0]) for d in refused.json()["detail"]] == [
+        (1, "sequence 'smart_flow' (requested by the event) is paused"),
+        (2, "unknown sequence 'ghost' (requested by the event)"),
+    ]
+    assert await router.written() == before
+
+    # A tenant's own sequence of a preset's key wins over the preset; once deleted,
+    # the preset (created by nurture on first use) is back.
+    await announce(router, "cold_outreach", "draft", tenant_id="acme")
+    default_routed = await post({"lead": lead("g@example.com")}, tenant_id="acme")
+    assert default_routed.status_code == 422
+    assert default_routed.json()["detail"] == (
+        "sequence 'cold_outreach' (default sequence) is draft: it takes no new leads"
+    )
+    await announce(router, "cold_outreach", "deleted", tenant_id="acme")
+    assert (await post({"lead": lead("g@example.com")}, tenant_id="acme")).status_code == 201
+
+    # Routing rules may name sequences the tenant has, active or not.
+    ghost_rule = {"name": "ghost", "match": {"grade": "Z"}, "sequence": "ghost"}
+    response = await router.http.post("/routing-rules", json=ghost_rule)
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("unknown sequence 'ghost': tenant 'default'")
+    rules = (await router.http.get("/routing-rules")).json()
+    put = await router.http.put("/routing-rules", json=[*rules, ghost_rule])
+    assert put.status_code == 422
+    assert [d["index"] for d in put.json()["detail"]] == [len(rules)]
+    assert (await router.http.get("/routing-rules")).json() == rules
+    paused_rule = {"name": "grade Z", "match": {"grade": "Z"}, "sequence": "smart_flow"}
+    assert (await router.http.post("/routing-rules", json=paused_rule)).status_code == 201
+    by_rule = await post({"lead": lead("z@example.com", grade="Z")})
+    assert by_rule.status_code == 422
+    assert by_rule.json()["detail"] == (
+        "sequence 'smart_flow' (rule 'grade Z') is paused: it takes no new leads"
+    )
+
+
+async def test_the_leads_topic_dead_letters_a_lead_for_an_unknown_sequence(
+    router: Router,
+) -> None:
+    await announce(router, "paused_flow", "paused")
+    events = [
+        LeadReceived(lead=LeadData(email="ghost@example.com"), sequence="no_such_sequence"),
+        LeadReceived(lead=LeadData(email="paused@example.com"), sequence="paused_flow"),
+        LeadReceived(lead=LeadData(email="fine@example.com"), sequence="regular_nurture"),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=router.kafka, acks="all")
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send_and_wait(topics.LEADS, event.to_bytes(), key=event.kafka_key())
+    finally:
+        await producer.stop()
+
+    async def fine_stored() -> bool:
+        return (
+            await router.count("SELECT count(*) FROM router.leads WHERE email = 'fine@example.com'")
+            == 1
+        )
+
+    await eventually(fine_stored)
+    dead = await _dead_letters(
+        router.kafka, topics.dlq(topics.LEADS), {str(e.event_id) for e in events[:2]}
+    )
+    reasons = {
+        json.loads(r.value)["lead"]["email"]: dict(r.headers)["dlq-reason"].decode() for r in dead
+    }
+    assert reasons["ghost@example.com"].startswith(
+        "unknown sequence 'no_such_sequence' (requested by the event)"
+    )
+    assert reasons["paused@example.com"] == (
+        "sequence 'paused_flow' (requested by the event) is paused: it takes no new leads"
+    )
+    assert {r.value for r in dead} == {e.to_bytes() for e in events[:2]}  # original bytes
+    assert await router.count("SELECT count(*) FROM router.leads") == 1
+    assert await router.count("SELECT count(*) FROM router.outbox") == 1
+
+
+# ------------------------------------------------- HTTP intake takes the topic's JSON
+
+#: The upstream contract, exactly as issue 2 and the README state it.
+UPSTREAM = {
+    "event_type": "LeadReceived",
+    "event_id": "6a1f0c52-2f7a-4c39-9d7e-0b6f1d0c9a11",
+    "occurred_at": "2026-11-21T10:00:00Z",
+    "tenant_id": "default",
+    "lead": {
+        "external_id": "crm-123",
+        "email": "ada@example.com",
+        "first_name": "Ada",
+        "company": "Acme",
+        "title": "CTO",
+        "timezone": "Europe/London",
+    },
+    "sequence": "aggressive_close",
+}
+
+
+async def test_http_intake_takes_the_topics_json_and_its_event_id_is_idempotent(
+    router: Router,
+) -> None:
+    first = await router.http.post("/leads", json=UPSTREAM)
+    assert first.status_code == 201, first.text
+    assert first.json()["duplicate"] is False and first.json()["sequence"] == "aggressive_close"
+    written = await router.written()
+    assert written == (1, 1, 1)
+
+    again = await router.http.post("/leads", json={**UPSTREAM, "sequence": "regular_nurture"})
+    assert again.status_code == 200, again.text
+    assert again.json()["duplicate"] is True
+    assert again.json()["lead_id"] == first.json()["lead_id"]
+    assert again.json()["sequence"] == "aggressive_close"  # nothing changed
+    assert await router.written() == written
+
+    # The same event id published on the topic is the same event: skipped there too.
+    producer = AIOKafkaProducer(bootstrap_servers=router.kafka, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.LEADS, json.dumps(UPSTREAM).encode(), key=b"crm-123")
+        marker = LeadReceived(lead=LeadData(email="marker@example.com"))
+        await producer.send_and_wait(topics.LEADS, marker.to_bytes(), key=marker.kafka_key())
+    finally:
+        await producer.stop()
+
+    async def marker_stored() -> bool:
+        return await router.count("SELECT count(*) FROM router.leads") == 2
+
+    await eventually(marker_stored)
+    assert await router.count("SELECT count(*) FROM router.outbox") == 2  # the marker's only
+
+    # An event applied from the topic first is a duplicate over HTTP.
+    posted = {**UPSTREAM, "event_id": str(marker.event_id), "lead": {"email": "marker@example.com"}}
+    duplicate = await router.http.post("/leads", json=posted)
+    assert duplicate.status_code == 200 and duplicate.json()["duplicate"] is True
+
+    # The envelope's tenant_id selects the tenant.
+    acme = {**UPSTREAM, "event_id": str(uuid.uuid4()), "tenant_id": "acme"}
+    created = await router.http.post("/leads", json=acme)
+    assert created.status_code == 201, created.text
+    assert (
+        await router.http.get(f"/leads/{created.json()['lead_id']}", params={"tenant_id": "acme"})
+    ).status_code == 200
+
+    # A batch: an event id twice is applied once.
+    repeated = str(uuid.uuid4())
+    batch = {
+        "leads": [
+            {"event_id": repeated, "lead": {"email": "grace@example.com"}},
+            {"event_id": repeated, "lead": {"email": "grace@example.com"}},
+        ]
+    }
+    results = (await router.http.post("/leads", json=batch)).json()["results"]
+    assert [(r["created"], r["duplicate"]) for r in results] == [(True, False), (False, True)]
+
+    # A refused event does not use its event id up: once fixed, it is applied.
+    retry_id = str(uuid.uuid4())
+    bad = {"event_id": retry_id, "lead": {"email": "alan@example.com"}, "sequence": "ghost"}
+    assert (await router.http.post("/leads", json=bad)).status_code == 422
+    fixed = await router.http.post("/leads", json={**bad, "sequence": "cold_outreach"})
+    assert fixed.status_code == 201 and fixed.json()["duplicate"] is False
+
+
+async def test_http_intake_refuses_unknown_fields_with_a_clear_message(router: Router) -> None:
+    before = await router.written()
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({**UPSTREAM, "colour": "red"}, "unknown field(s) colour; a lead intake takes lead,"),
+        ({"leads": [{"lead": lead("a@example.com")}], "extra": 1}, "unknown field(s) extra"),
+        ({"leads": [{"lead": lead("a@example.com"), "priority": 1}]}, "unknown field(s) priority"),
+        ({**UPSTREAM, "event_type": "LeadRouted"}, "LeadReceived"),
+        ({**UPSTREAM, "event_id": "not-a-uuid"}, "event_id"),
+        ({**UPSTREAM, "occurred_at": "2026-11-21T10:00:00"}, "timezone"),
+        ({**UPSTREAM, "schema_version": 2}, "schema_version"),
+    ]
+    for body, message in cases:
+        response = await router.http.post("/leads", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert message in response.text, (message, response.text)
+    assert await router.written() == before

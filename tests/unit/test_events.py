@@ -27,6 +27,7 @@ from schemas.events import (
     LeadRouted,
     LeadSnapshot,
     RenderedMessage,
+    SequenceChanged,
     StepDue,
     WebhookReceived,
     decode,
@@ -516,3 +517,20 @@ def test_webhook_body_round_trips_arbitrary_bytes(body: bytes) -> None:
     assert decoded.raw_body() == body
     assert decoded.headers == {"X-Id": "1"}
     assert decoded.provider == "inbound"
+
+
+def test_sequence_changed_is_keyed_by_tenant_and_sequence_and_round_trips() -> None:
+    event = SequenceChanged(
+        tenant_id="acme",
+        sequence_key="smart_flow",
+        sequence_id=SEQUENCE_ID,
+        status="active",
+        current_version=2,
+    )
+    assert event.kafka_key() == b"acme:smart_flow"  # one sequence's changes stay in order
+    assert decode(topics.SEQUENCES, event.to_bytes()) == event
+    deleted = event.model_copy(update={"status": "deleted", "current_version": None})
+    assert decode(topics.SEQUENCES, deleted.to_bytes()) == deleted
+    for bad in ({"status": "gone"}, {"current_version": 0}, {"sequence_key": ""}):
+        with pytest.raises(ValidationError):
+            decode(topics.SEQUENCES, json.dumps({**json.loads(event.to_bytes()), **bad}).encode())

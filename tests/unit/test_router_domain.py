@@ -10,18 +10,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.events import BounceType, EngagementReceived, EngagementType, LeadData
+from schemas.events import (
+    PRESET_SEQUENCE_KEYS,
+    BounceType,
+    EngagementReceived,
+    EngagementType,
+    LeadData,
+)
 from services.router.domain import (
     LEAD_STATUSES,
     SUPPRESSED_STATUSES,
+    CatalogEntry,
     LeadInvalid,
     NormalisedLead,
+    RoutingDecision,
     RoutingRule,
     StatusChange,
     choose_sequence,
     normalise_email,
     normalise_lead,
+    routing_refusal,
     rule_matches,
+    rule_refusal,
     status_after_engagement,
     validate_timezone,
 )
@@ -417,3 +427,47 @@ def test_status_changes_are_real_changes_to_known_statuses(
         assert change.to_status in LEAD_STATUSES
         assert change.to_status != current
         assert change.reason
+
+
+# ---------------------------------------------------------------- sequence catalog
+
+
+def _routed(sequence: str, reason: str = "requested by the event") -> RoutingDecision:
+    return RoutingDecision(True, sequence, reason)
+
+
+@pytest.mark.parametrize("status", ["draft", "paused", "archived"])
+def test_a_lead_is_not_routed_to_a_sequence_that_takes_no_leads(status: str) -> None:
+    refusal = routing_refusal(_routed("flow"), CatalogEntry(status, 1), "acme")
+    assert refusal == f"sequence 'flow' (requested by the event) is {status}: it takes no new leads"
+
+
+def test_a_lead_is_routed_to_an_active_sequence_of_its_tenant() -> None:
+    assert routing_refusal(_routed("flow"), CatalogEntry("active", 3), "acme") is None
+
+
+@pytest.mark.parametrize("entry", [None, CatalogEntry("deleted")])
+def test_an_unknown_sequence_is_refused_naming_the_tenant(entry: CatalogEntry | None) -> None:
+    refusal = routing_refusal(_routed("flow", "rule 'webinars'"), entry, "acme")
+    assert refusal is not None
+    assert refusal.startswith("unknown sequence 'flow' (rule 'webinars'): tenant 'acme'")
+    assert "may not have reached the router yet" in refusal
+    assert rule_refusal("flow", entry, "acme") is not None
+
+
+@pytest.mark.parametrize("key", sorted(PRESET_SEQUENCE_KEYS))
+def test_presets_exist_for_every_tenant_unless_the_catalog_says_otherwise(key: str) -> None:
+    for entry in (None, CatalogEntry("deleted")):  # never announced, or the tenant's own gone
+        assert routing_refusal(_routed(key, "default sequence"), entry, "new-tenant") is None
+        assert rule_refusal(key, entry, "new-tenant") is None
+    # The tenant's own sequence of that key, as a draft, wins over the preset.
+    assert routing_refusal(_routed(key), CatalogEntry("draft", 1), "t") is not None
+
+
+def test_rules_may_name_a_sequence_that_is_not_active_yet() -> None:
+    for status in ("draft", "paused", "archived", "active"):
+        assert rule_refusal("flow", CatalogEntry(status, 1), "acme") is None
+
+
+def test_a_lead_that_is_not_routed_needs_no_sequence() -> None:
+    assert routing_refusal(RoutingDecision(False, None, "lead is lost"), None, "acme") is None
