@@ -1438,6 +1438,61 @@ async def test_scanner_bursts_are_machine_from_the_first_click(tracker: Tracker)
     assert (step["counts"]["clicked"], step["counts"]["machine_clicked"]) == (1, 3)
 
 
+# ------------------------------------------------------------------ click redirect
+
+
+async def test_a_click_redirects_to_the_emails_own_link_only(tracker: Tracker) -> None:
+    """`GET /t/c/{token}` answers 302 to the link the email carried, and nothing else:
+    the target comes from the registered message, never from the request; a forged or
+    altered token, a link index the email does not have, a token of another kind or
+    for an unknown message get 404 and record nothing."""
+    message = sent("ada@example.com").model_copy(update={"links": LINKS[:2]})
+    await tracker.register(message)
+    browser = {"User-Agent": SAFARI}
+
+    for link in (0, 1):
+        response = await tracker.http.get(click_url(tracker, message, link), headers=browser)
+        assert response.status_code == 302
+        assert response.headers["location"] == LINKS[link]
+    # Whatever the request adds, the redirect goes to the email's link.
+    hijack = await tracker.http.get(
+        click_url(tracker, message, 0) + "?url=https://evil.example/&next=https://evil.example/",
+        headers=browser,
+    )
+    assert hijack.status_code == 302 and hijack.headers["location"] == LINKS[0]
+    recorded = await clicks(tracker, message)
+    assert sorted({url for url, _ in recorded}) == LINKS[:2]
+
+    genuine = click_url(tracker, message, 0).removeprefix("/t/c/")
+    payload, signature = genuine.split(".")
+    altered = ("B" if signature[0] == "A" else "A") + signature[1:]
+    tampered = payload[:-2] + ("y" if payload[-2] == "x" else "x") + payload[-1]
+    other_secret = tokens.sign(
+        b"another-deployment", tokens.TokenClaims("click", message.message_id, 0)
+    )
+    refused = {
+        "altered signature": f"{payload}.{altered}",
+        "altered claims": f"{tampered}.{signature}",
+        "no signature": payload,
+        "another secret": other_secret,
+        "link not in the email": click_url(tracker, message, 2).removeprefix("/t/c/"),
+        "negative link": click_url(tracker, message, -1).removeprefix("/t/c/"),
+        "no link at all": tokens.sign(
+            tracker.service.secret, tokens.TokenClaims("click", message.message_id)
+        ),
+        "an open token": pixel_url(tracker, message).removeprefix("/t/o/"),
+        "an unknown message": tokens.sign(
+            tracker.service.secret, tokens.TokenClaims("click", "<nobody@acme.example>", 0)
+        ),
+        "garbage": "not-a-token",
+    }
+    for what, token in refused.items():
+        response = await tracker.http.get(f"/t/c/{token}", headers=browser)
+        assert response.status_code == 404, what
+        assert "location" not in response.headers, what
+    assert await clicks(tracker, message) == recorded  # nothing more recorded
+
+
 # ------------------------------------------------------------------- analytics
 
 
