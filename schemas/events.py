@@ -175,6 +175,17 @@ class StepDue(Event):
     tracking: bool = True
 
 
+class EnrollmentStopped(Event):
+    """Nurture stopped an enrollment that may still have an email waiting at the sender
+    (topic ``step-due``, keyed by the lead, so it follows that email's StepDue): the
+    sender cancels whatever of the enrollment it has not handed off yet."""
+
+    event_type: Literal["EnrollmentStopped"] = "EnrollmentStopped"
+    lead_id: uuid.UUID
+    enrollment_id: uuid.UUID
+    reason: str = Field(min_length=1, max_length=1000)
+
+
 # ---------------------------------------------------------------------- sequences
 
 #: The built-in sequences. Nurture creates them for a tenant on first use, so they
@@ -361,7 +372,7 @@ class WebhookReceived(Event):
 
 LeadsEvent = LeadReceived
 LeadRoutedEvent = LeadRouted
-StepDueEvent = StepDue
+StepDueEvent = Annotated[StepDue | EnrollmentStopped, Field(discriminator="event_type")]
 EmailOutcome = Annotated[EmailSent | EmailFailed, Field(discriminator="event_type")]
 EngagementEvent = EngagementReceived
 WebhooksRawEvent = WebhookReceived
@@ -370,7 +381,7 @@ WebhooksRawEvent = WebhookReceived
 TOPIC_EVENTS: dict[str, TypeAdapter[Any]] = {
     topics.LEADS: TypeAdapter(LeadReceived),
     topics.LEAD_ROUTED: TypeAdapter(LeadRouted),
-    topics.STEP_DUE: TypeAdapter(StepDue),
+    topics.STEP_DUE: TypeAdapter(StepDueEvent),
     topics.EMAIL_SENT: TypeAdapter(EmailOutcome),
     topics.ENGAGEMENT: TypeAdapter(EngagementReceived),
     topics.WEBHOOKS_RAW: TypeAdapter(WebhookReceived),

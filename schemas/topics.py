@@ -6,6 +6,7 @@ from typing import Final
 
 LEADS: Final = "leads"
 LEAD_ROUTED: Final = "lead-routed"
+#: StepDue, and EnrollmentStopped when nurture stops an enrollment (same key: the lead).
 STEP_DUE: Final = "step-due"
 EMAIL_SENT: Final = "email-sent"
 ENGAGEMENT: Final = "engagement"

@@ -174,6 +174,8 @@ class Scripted:
     error_code: int | None = None
     message: str | None = None
     delay: float = 0.0
+    #: SendGrid: the error's ``field`` (e.g. "personalizations.0.to.0.email").
+    field: str | None = None
 
 
 # ----------------------------------------------------------------- multipart parsing
@@ -334,11 +336,13 @@ class ContractServer:
         retry_after: float | None = None,
         error_code: int | None = None,
         message: str | None = None,
+        field: str | None = None,
     ) -> None:
         """Answer the next ``times`` valid requests with ``status`` and the provider's
-        error body (``error_code``: Postmark's ErrorCode; ``message``: the error text)."""
+        error body (``error_code``: Postmark's ErrorCode; ``message``: the error text;
+        ``field``: the field SendGrid names)."""
         for _ in range(times):
-            self._script.append(Scripted(status, retry_after, error_code, message))
+            self._script.append(Scripted(status, retry_after, error_code, message, field=field))
 
     def stall_next(self, seconds: float, *, times: int = 1) -> None:
         """Wait ``seconds`` before answering the next ``times`` requests normally."""
@@ -458,7 +462,7 @@ class ContractServer:
             413: "content too large",
             429: "too many requests",
         }.get(status, "internal server error")
-        response = self._sendgrid_errors(status, failure.message or default)
+        response = self._sendgrid_errors(status, failure.message or default, failure.field)
         if status == 429:
             reset = int(time.time() + (failure.retry_after or 1))
             response.headers.update(

@@ -1,12 +1,13 @@
 """A real SMTP server for tests (aiosmtpd on loopback): optional AUTH, STARTTLS or
 implicit TLS with a throwaway certificate, and scripted replies ("421 for the
-first try, then 250") per recipient."""
+first try, then 250") per recipient, at DATA or at RCPT TO."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import ssl
+import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -67,6 +68,8 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     authenticated_as: str | None
+    #: Wall-clock time (time.time()) at which the server accepted it.
+    at: float = 0.0
 
     @property
     def message(self) -> Message:
@@ -80,13 +83,30 @@ class ScriptedSmtp:
     host: str = "127.0.0.1"
     port: int = 0
     received: list[Received] = field(default_factory=list)
+    #: DATA commands per recipient (accepted or not).
     attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: RCPT TO commands per recipient (accepted or not).
+    rcpt_attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: Seconds the server takes over each message before answering DATA.
+    data_delay: float = 0.0
+    _stalls: deque[float] = field(default_factory=deque)
     _script: dict[str, deque[str]] = field(default_factory=lambda: defaultdict(deque))
+    _rcpt_script: dict[str, deque[str]] = field(default_factory=lambda: defaultdict(deque))
 
     def reply(self, recipient: str, *replies: str) -> None:
         """Queue replies for the next DATA commands to ``recipient``, e.g. "421 4.7.0
         Try again later"; once the queue is empty, messages are accepted."""
         self._script[recipient.lower()].extend(replies)
+
+    def stall_next(self, seconds: float, times: int = 1) -> None:
+        """Take ``seconds`` (instead of ``data_delay``) over the next ``times`` messages."""
+        self._stalls.extend([seconds] * times)
+
+    def reply_rcpt(self, recipient: str, *replies: str) -> None:
+        """Queue replies for the next RCPT TO commands naming ``recipient`` ("*" for
+        anyone), e.g. "550 5.1.1 No such user"; once the queue is empty, the
+        recipient is accepted."""
+        self._rcpt_script[recipient.lower()].extend(replies)
 
     async def handle_RCPT(  # aiosmtpd hook
         self,
@@ -96,10 +116,17 @@ class ScriptedSmtp:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        self.rcpt_attempts[address.lower()] += 1
+        for key in (address.lower(), "*"):
+            if self._rcpt_script[key]:
+                return self._rcpt_script[key].popleft()
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        delay = self._stalls.popleft() if self._stalls else self.data_delay
+        if delay:
+            await asyncio.sleep(delay)
         for recipient in envelope.rcpt_tos:
             self.attempts[recipient.lower()] += 1
             for key in (recipient.lower(), "*"):
@@ -112,6 +139,7 @@ class ScriptedSmtp:
                 list(envelope.rcpt_tos),
                 bytes(envelope.original_content or b""),
                 login.decode() if isinstance(login, bytes) else None,
+                time.time(),
             )
         )
         return "250 2.0.0 OK queued"

@@ -111,9 +111,15 @@ class SenderSettings(CommonSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     dispatch_batch: int = Field(default=100, ge=1)
     dispatch_idle_seconds: float = Field(default=0.1, gt=0)
-    #: Product-time seconds before a transient failure is retried (doubles, with jitter).
+    #: Product-time seconds before a transient failure is retried; the wait doubles
+    #: per attempt (with jitter) up to ``retry_max_seconds``, or longer when the server
+    #: asks for it (Retry-After).
     retry_base_seconds: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(default=8, ge=1)
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    #: Give a delivery up (EmailFailed, never a suppression) after this many
+    #: transiently failed attempts. None, the default: a throttled or transiently
+    #: failing delivery is deferred again and again, never dropped.
+    max_attempts: int | None = Field(default=None, ge=1)
     #: Caps of the default mailbox (the SMTP_* server with SENDER_FROM_EMAIL), used
     #: for tenants that have no mailbox of their own.
     daily_cap: int | None = Field(default=None, gt=0)

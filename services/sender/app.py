@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,12 @@ import asyncpg
 from fastapi import FastAPI
 
 from schemas import topics
-from schemas.events import EngagementReceived, FailureKind, StepDue
+from schemas.events import BounceType, EngagementReceived, EnrollmentStopped, FailureKind, StepDue
 from services.runtime.consumer import TopicHandler, is_transient
 from services.runtime.service import BackgroundLoop, Service
 from services.runtime.settings import SenderSettings
 from services.sender import api, domain, handlers, repo
-from services.sender.domain import Caps
+from services.sender.domain import Caps, RejectionClass
 from services.sender.mailboxes import Mailbox, TransportPool, mailbox_from_row
 from services.sender.mime import (
     BuiltMessage,
@@ -28,7 +28,12 @@ from services.sender.mime import (
     TrackingConfig,
     build_message,
 )
-from services.sender.transport import PermanentSendError, TransientSendError
+from services.sender.transport import (
+    HandOffRefused,
+    PermanentSendError,
+    TransientSendError,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,10 @@ class Job:
     row: asyncpg.Record
     mailbox: Mailbox
     dry_run: bool
+    #: Under a global rate: the wall-clock second (database time) this job's hand-off
+    #: was granted in, and the event-loop time at which that second is over here.
+    rate_second: datetime | None = None
+    rate_deadline: float | None = None
 
 
 class SenderService(Service[SenderSettings]):
@@ -91,7 +100,9 @@ class SenderService(Service[SenderSettings]):
     def after_commit(self) -> None:
         self._ready.set()
 
-    async def _on_step_due(self, conn: asyncpg.Connection, events: list[StepDue]) -> None:
+    async def _on_step_due(
+        self, conn: asyncpg.Connection, events: list[StepDue | EnrollmentStopped]
+    ) -> None:
         await handlers.handle_step_due(conn, events)
 
     async def _on_engagement(
@@ -158,13 +169,20 @@ class SenderService(Service[SenderSettings]):
 
     async def _dispatch_batch(self, stop: asyncio.Event) -> int:
         settings = self.settings
+        loop = asyncio.get_running_loop()
         limit = settings.dispatch_batch
+        grant: repo.GlobalGrant | None = None
+        deadline = 0.0
         if settings.global_rate:
+            # Hand-offs, not claims, are what the rate limits: each job may be handed
+            # off only within the second it was granted in (mark_sending checks).
             async with self.pool.acquire() as conn:
-                limit = await repo.reserve_global(conn, limit, settings.global_rate)
-            if limit == 0:
-                await asyncio.sleep(0.05)
+                grant = await repo.reserve_global(conn, limit, settings.global_rate)
+            if grant.granted == 0:
+                await asyncio.sleep(grant.seconds_left + 0.001)  # the next second
                 return 0
+            limit = grant.granted
+            deadline = loop.time() + grant.seconds_left
         now = self.clock.now()
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await repo.claim_ready(
@@ -173,6 +191,12 @@ class SenderService(Service[SenderSettings]):
             jobs = await self._plan(conn, rows, now)
         if len(jobs) < len(rows):
             self.wake_relay()
+        if grant is not None:
+            handing = [job for job in jobs if not job.dry_run]
+            if grant.granted > len(handing):
+                await repo.release_global(self.pool, grant.second, grant.granted - len(handing))
+            for job in handing:
+                job.rate_second, job.rate_deadline = grant.second, deadline
         lanes: list[list[Job]] = [[] for _ in self.lanes]
         for index, job in enumerate(jobs):
             lanes[index % len(lanes)].append(job)
@@ -274,7 +298,6 @@ class SenderService(Service[SenderSettings]):
             await self._deliver(pool, job)
 
     async def _deliver(self, pool: TransportPool, job: Job) -> None:
-        s = self.settings
         row, mailbox = job.row, job.mailbox
         key = row["delivery_key"]
         now = self.clock.now()
@@ -318,56 +341,81 @@ class SenderService(Service[SenderSettings]):
                 mailbox_id=mailbox.id,
             )
             return
+        if job.rate_deadline is not None and asyncio.get_running_loop().time() >= job.rate_deadline:
+            await self._give_back(key)  # its second of the global rate is over
+            return
         transports = await pool.for_mailbox(mailbox)
-        lease = s.lease_seconds + s.smtp_timeout * len(transports)
-        if not await repo.mark_sending(
-            self.pool,
-            key,
-            self.instance_id,
-            lease,
-            built.message_id,
-            built.from_email,
-            built.from_name,
-        ):
-            return  # our lease ran out and someone else has it
-        await self._hand_off(row, built, transports)
+        await self._hand_off(job, built, transports)
 
-    async def _hand_off(
-        self, row: asyncpg.Record, built: BuiltMessage, transports: list[Any]
-    ) -> None:
-        """Try each transport in order; a transient failure fails over to the next."""
+    async def _hand_off(self, job: Job, built: BuiltMessage, transports: list[Transport]) -> None:
+        """Try each transport in order; a transient failure fails over to the next.
+
+        The delivery is marked ``sending`` (the point of no return: a crash from here
+        leaves it uncertain) only once a transport is about to let the message itself
+        go: for SMTP after the server accepted MAIL FROM and RCPT TO, so a refusal of
+        the envelope is a clean failure."""
+        s = self.settings
+        row = job.row
         key = row["delivery_key"]
-        failures: list[TransientSendError] = []
+        attempt = row["attempts"] + 1
+        lease = s.lease_seconds + s.smtp_timeout * len(transports)
+        marked = False
+
+        async def gate() -> bool:
+            nonlocal marked
+            if not marked:
+                marked = await repo.mark_sending(
+                    self.pool,
+                    key,
+                    self.instance_id,
+                    lease,
+                    built.message_id,
+                    built.from_email,
+                    built.from_name,
+                    attempt,
+                    job.rate_second,
+                )
+            return marked
+
+        failures: list[tuple[Transport, TransientSendError]] = []
         for transport in transports:
             try:
-                accepted = await transport.send(built)
+                accepted = await transport.send(built, gate)
+            except HandOffRefused:
+                # Cancelled, taken over after our claim expired, or its second of the
+                # global rate is over: nothing was handed over.
+                await self._give_back(key)
+                return
             except PermanentSendError as exc:
-                suppress = bool(getattr(exc, "suppress", False)) or (
-                    exc.code in domain.SUPPRESSING_SMTP_CODES
-                )
                 await self._record(
                     handlers.record_failed,
                     key,
                     FailureKind.PERMANENT,
                     f"{transport.name}: {exc}",
                     exc.code,
-                    suppress=suppress,
+                    rejection=exc.rejection,
+                    attempts=attempt,
+                    owner=self.instance_id,
                 )
                 return
             except TransientSendError as exc:
                 log.info("%s: %s failed transiently: %s", key, transport.name, exc)
-                failures.append(exc)
+                failures.append((transport, exc))
                 continue
             await self._record_sent(row, built, transport.name, accepted)
             return
-        reason = "; ".join(f"{t.name}: {e}" for t, e in zip(transports, failures, strict=False))
-        retry_after = max((getattr(e, "retry_after", None) or 0.0 for e in failures), default=0.0)
-        await self._defer(
-            row,
-            reason or "no transport",
-            failures[-1].code if failures else None,
-            retry_after or None,
+        reason = "; ".join(f"{t.name}: {e}" for t, e in failures) or "no transport"
+        retry_after = max(
+            (getattr(e, "retry_after", None) or 0.0 for _, e in failures), default=0.0
         )
+        await self._defer(
+            row, attempt, reason, failures[-1][1].code if failures else None, retry_after or None
+        )
+
+    async def _give_back(self, key: str) -> None:
+        """A claimed delivery not handed off goes back to the queue, if still ours."""
+        if await repo.release_claim(self.pool, key, self.instance_id):
+            self._ready.set()
 
     async def _record_sent(
         self, row: asyncpg.Record, built: BuiltMessage, transport: str, accepted: Any
@@ -414,28 +462,52 @@ class SenderService(Service[SenderSettings]):
         self.wake_relay()
 
     async def _defer(
-        self, row: asyncpg.Record, reason: str, code: int | None, retry_after: float | None
+        self,
+        row: asyncpg.Record,
+        attempt: int,
+        reason: str,
+        code: int | None,
+        retry_after: float | None,
     ) -> None:
+        """Every transport failed transiently: try again later, with a backoff that
+        stops growing at SENDER_RETRY_MAX_SECONDS. Never dropped, unless the deployment
+        asked for a give-up (SENDER_MAX_ATTEMPTS)."""
         s = self.settings
-        attempts = row["attempts"] + 1
-        if attempts >= s.max_attempts:
+        key = row["delivery_key"]
+        if s.max_attempts is not None and attempt >= s.max_attempts:
             await self._record(
                 handlers.record_failed,
-                row["delivery_key"],
+                key,
                 FailureKind.PERMANENT,
-                f"gave up after {attempts} attempts: {reason}",
+                f"gave up after {attempt} attempts (SENDER_MAX_ATTEMPTS): {reason}",
                 code,
+                rejection=RejectionClass(BounceType.SOFT),
+                attempts=attempt,
+                owner=self.instance_id,
             )
             return
         until = domain.retry_at(
-            self.clock.now(), attempts, s.retry_base_seconds, retry_after=retry_after
+            self.clock.now(),
+            attempt,
+            s.retry_base_seconds,
+            retry_after=retry_after,
+            max_seconds=s.retry_max_seconds,
         )
 
         async def write(conn: asyncpg.Connection) -> None:
-            await repo.defer(conn, row["delivery_key"], until, f"deferred: {reason}", code)
+            await repo.defer(
+                conn,
+                key,
+                until,
+                f"deferred: {reason}",
+                code,
+                attempts=attempt,
+                last_error=reason[:1000],
+                owner=self.instance_id,
+            )
 
         await self._in_transaction(write)
-        log.info("deferred %s until %s: %s", row["delivery_key"], until.isoformat(), reason)
+        log.info("deferred %s until %s: %s", key, until.isoformat(), reason)
 
     async def _record(self, writer: Any, *args: Any, **kwargs: Any) -> None:
         async def write(conn: asyncpg.Connection) -> None:

@@ -15,11 +15,13 @@ from schemas.events import (
     EmailSent,
     EngagementReceived,
     EngagementType,
+    EnrollmentStopped,
     FailureKind,
     StepDue,
 )
 from services.runtime.outbox import enqueue, enqueue_many
 from services.sender import repo
+from services.sender.domain import RejectionClass
 
 
 def email_sent_event(
@@ -50,7 +52,11 @@ def email_sent_event(
 
 
 def email_failed_event(
-    row: asyncpg.Record, failure: FailureKind, reason: str, smtp_code: int | None = None
+    row: asyncpg.Record,
+    failure: FailureKind,
+    reason: str,
+    smtp_code: int | None = None,
+    rejection: RejectionClass | None = None,
 ) -> EmailFailed:
     return EmailFailed(
         tenant_id=row["tenant_id"],
@@ -64,11 +70,36 @@ def email_failed_event(
         failure=failure,
         reason=reason,
         smtp_code=smtp_code,
+        enhanced_status=rejection.enhanced_status if rejection else None,
+        bounce_type=rejection.bounce_type if rejection else None,
     )
 
 
-async def handle_step_due(conn: asyncpg.Connection, events: list[StepDue]) -> None:
-    await repo.insert_deliveries(conn, events)
+async def handle_step_due(
+    conn: asyncpg.Connection, events: list[StepDue | EnrollmentStopped]
+) -> None:
+    """In the topic's order: a StepDue becomes a delivery; an EnrollmentStopped cancels
+    what its enrollment has not handed off yet (an EmailFailed CANCELLED for each).
+    A delivery already sending or sent is left as it is."""
+    due: list[StepDue] = []
+    for event in events:
+        if isinstance(event, StepDue):
+            due.append(event)
+            continue
+        await repo.insert_deliveries(conn, due)
+        due = []
+        reason = f"enrollment stopped: {event.reason}"
+        cancelled = await repo.cancel_pending_for_enrollment(
+            conn, event.tenant_id, event.enrollment_id, reason
+        )
+        await enqueue_many(
+            conn,
+            [
+                (topics.EMAIL_SENT, email_failed_event(r, FailureKind.CANCELLED, reason))
+                for r in cancelled
+            ],
+        )
+    await repo.insert_deliveries(conn, due)
 
 
 async def handle_engagement(
@@ -154,7 +185,8 @@ async def record_dry_run(
     row = await repo.mark_dry_run(
         conn, key, message_id, from_email, from_name, sent_at, links, mailbox_id
     )
-    assert row is not None
+    if row is None:
+        return  # cancelled meanwhile
     await enqueue(conn, topics.EMAIL_SENT, email_sent_event(row))
 
 
@@ -165,16 +197,36 @@ async def record_failed(
     reason: str,
     smtp_code: int | None = None,
     *,
-    suppress: bool = False,
+    rejection: RejectionClass | None = None,
+    attempts: int | None = None,
+    owner: str | None = None,
 ) -> None:
+    """End a delivery as failed (or suppressed) with its EmailFailed; a hard rejection
+    also puts the address on the suppression list. A delivery cancelled meanwhile
+    keeps its cancellation (and its EmailFailed CANCELLED); with ``owner``, only a
+    delivery that sender still holds is ended."""
     status = "suppressed" if failure is FailureKind.SUPPRESSED else "failed"
-    row = await repo.finish(conn, key, status, reason=reason[:1000], smtp_code=smtp_code)
-    assert row is not None
-    if suppress:
+    row = await repo.finish(
+        conn,
+        key,
+        status,
+        reason=reason[:1000],
+        smtp_code=smtp_code,
+        enhanced_status=rejection.enhanced_status if rejection else None,
+        bounce_type=rejection.bounce_type.value if rejection else None,
+        attempts=attempts,
+        owner=owner,
+    )
+    if row is None:
+        return
+    if rejection is not None and rejection.suppresses:
+        code = " ".join(str(c) for c in (smtp_code, rejection.enhanced_status) if c)
         await repo.add_suppression(
-            conn, row["tenant_id"], row["to_email"], f"rejected: {smtp_code}", "sender"
+            conn, row["tenant_id"], row["to_email"], f"hard rejection: {code}".strip(), "sender"
         )
-    await enqueue(conn, topics.EMAIL_SENT, email_failed_event(row, failure, reason, smtp_code))
+    await enqueue(
+        conn, topics.EMAIL_SENT, email_failed_event(row, failure, reason, smtp_code, rejection)
+    )
 
 
 async def recover_expired(conn: asyncpg.Connection, now: datetime) -> tuple[int, int]:

@@ -39,13 +39,18 @@ How answers map to errors
   say nothing about this message (402, 404, 405, 415, ...) -> ``ProviderTransientError``:
   not this message's fault, the dispatcher fails over to another transport;
 * HTTP 400/413/422 rejections of this message -> ``ProviderPermanentError`` with the
-  provider's error text (SendGrid's ``errors`` messages joined) and the status;
+  provider's error text (SendGrid's ``errors`` messages joined) and the status,
+  classified ``hard`` (suppresses the address) only when the provider blames the
+  recipient's address (SendGrid: an error on ``personalizations[].to[].email``;
+  Mailgun: "'to' parameter is not a valid address"), otherwise ``policy``;
 * Postmark's 422 is refined by its ``ErrorCode``: 406 (inactive recipient: hard
-  bounce, spam complaint or manual suppression) -> permanent with ``suppress=True``;
-  300 (invalid email request) -> permanent, with ``suppress=True`` only when the
-  message blames the ``To`` address, and transient when it blames ``From`` (an
-  unverified sender signature is configuration, not this message); 10, 400, 401,
-  405, 412, 413 (token, sender signature, credits, account) -> transient.
+  bounce, spam complaint or manual suppression) -> permanent, hard; 300 (invalid
+  email request) -> permanent, hard only when the message blames the ``To``
+  address, and transient when it blames ``From`` (an unverified sender signature
+  is configuration, not this message); 10, 400, 401, 405, 412, 413 (token, sender
+  signature, credits, account) -> transient.
+
+``send`` awaits its ``gate`` right before the request: the request is the hand-off.
 """
 
 from __future__ import annotations
@@ -53,14 +58,22 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import httpx
 
+from services.sender.domain import classify_provider_rejection
 from services.sender.mime import BuiltMessage
-from services.sender.transport import Accepted, PermanentSendError, TransientSendError
+from services.sender.transport import (
+    Accepted,
+    HandOffGate,
+    HandOffRefused,
+    PermanentSendError,
+    TransientSendError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +103,9 @@ class ProviderTransientError(TransientSendError):
 
 
 class ProviderPermanentError(PermanentSendError):
-    """The provider refused this message for good; ``suppress`` says the address
-    itself is the problem (inactive or invalid) and belongs on the suppression list."""
+    """The provider refused this message for good; ``blames_recipient`` says the
+    address itself is the problem (inactive or invalid): a hard rejection, and
+    ``suppress`` then says it belongs on the suppression list."""
 
     def __init__(
         self,
@@ -99,12 +113,13 @@ class ProviderPermanentError(PermanentSendError):
         code: int | None = None,
         *,
         provider: str,
-        suppress: bool = False,
+        blames_recipient: bool = False,
         provider_code: int | None = None,
     ) -> None:
-        super().__init__(message, code)
+        super().__init__(
+            message, code, rejection=classify_provider_rejection(blames_recipient=blames_recipient)
+        )
         self.provider = provider
-        self.suppress = suppress
         self.provider_code = provider_code
 
 
@@ -169,12 +184,17 @@ def classify_http_error(
     *,
     retry_after: float | None = None,
     provider_code: int | None = None,
+    blames_recipient: bool = False,
 ) -> TransientSendError | PermanentSendError:
     """The error for a non-success HTTP answer (see the module docstring)."""
     message = f"{provider}: HTTP {status}: {_short(text) or 'no details'}"
     if status in (400, 413, 422):
         return ProviderPermanentError(
-            message, status, provider=provider, provider_code=provider_code
+            message,
+            status,
+            provider=provider,
+            provider_code=provider_code,
+            blames_recipient=blames_recipient,
         )
     return ProviderTransientError(
         message,
@@ -221,11 +241,19 @@ class _HttpTransport:
             ) from exc
 
     def _error(
-        self, response: httpx.Response, text: str
+        self, response: httpx.Response, text: str, *, blames_recipient: bool = False
     ) -> TransientSendError | PermanentSendError:
         return classify_http_error(
-            self.provider, response.status_code, text, retry_after=_retry_after(response)
+            self.provider,
+            response.status_code,
+            text,
+            retry_after=_retry_after(response),
+            blames_recipient=blames_recipient,
         )
+
+    async def _through_gate(self, gate: HandOffGate | None) -> None:
+        if gate is not None and not await gate():
+            raise HandOffRefused(f"{self.name}: the hand-off was called off")
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -304,34 +332,43 @@ class SendGridTransport(_HttpTransport):
             body["headers"] = headers
         return body
 
-    async def send(self, message: BuiltMessage) -> Accepted:
-        response = await self._post("/v3/mail/send", json=self.payload(message))
+    #: The error field of a recipient's address in a v3 Mail Send error.
+    RECIPIENT_FIELD = re.compile(r"^personalizations\.\d+\.to(\.\d+)?(\.email)?$")
+
+    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
+        payload = self.payload(message)
+        await self._through_gate(gate)
+        response = await self._post("/v3/mail/send", json=payload)
         if response.is_success:
             return Accepted(
                 response.status_code,
                 f"{response.status_code} {response.reason_phrase}".strip(),
                 response.headers.get("x-message-id"),
             )
-        raise self._error(response, self._error_text(response))
+        text, blames_recipient = self._error_text(response)
+        raise self._error(response, text, blames_recipient=blames_recipient)
 
-    @staticmethod
-    def _error_text(response: httpx.Response) -> str:
+    @classmethod
+    def _error_text(cls, response: httpx.Response) -> tuple[str, bool]:
+        """The errors' text, and whether one of them is about the recipient's address."""
         data = _json(response)
         errors = data.get("errors") if isinstance(data, dict) else None
         if isinstance(errors, list) and errors:
             parts = []
+            blames_recipient = False
             for error in errors:
                 if not isinstance(error, dict):
                     continue
                 text = str(error.get("message") or "").strip()
                 field = error.get("field")
                 if field and field != "null":
+                    blames_recipient |= bool(cls.RECIPIENT_FIELD.match(str(field)))
                     text = f"{field}: {text}"
                 if text:
                     parts.append(text)
             if parts:
-                return "; ".join(parts)
-        return response.text
+                return "; ".join(parts), blames_recipient
+        return response.text, False
 
 
 class MailgunTransport(_HttpTransport):
@@ -357,10 +394,14 @@ class MailgunTransport(_HttpTransport):
         )
         self.domain = domain
 
-    async def send(self, message: BuiltMessage) -> Accepted:
+    #: Mailgun's answer when the ``to`` parameter is not an address it accepts.
+    INVALID_TO = re.compile(r"^'?to'? parameter is not a valid address", re.IGNORECASE)
+
+    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
         fields = {"to": message.to_email, "o:tracking": "no"}
         if message.delivery_key:
             fields["v:delivery_key"] = message.delivery_key
+        await self._through_gate(gate)
         response = await self._post(
             f"/v3/{self.domain}/messages.mime",
             data=fields,
@@ -379,7 +420,11 @@ class MailgunTransport(_HttpTransport):
                 str(provider_id) if provider_id else None,
             )
         text = data.get("message") if isinstance(data, dict) else None
-        raise self._error(response, str(text) if text else response.text)
+        raise self._error(
+            response,
+            str(text) if text else response.text,
+            blames_recipient=bool(text and self.INVALID_TO.match(str(text).strip())),
+        )
 
 
 class PostmarkTransport(_HttpTransport):
@@ -433,9 +478,11 @@ class PostmarkTransport(_HttpTransport):
             body["Metadata"] = {"delivery_key": message.delivery_key}
         return body
 
-    async def send(self, message: BuiltMessage) -> Accepted:
+    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
+        payload = self.payload(message)
+        await self._through_gate(gate)
         # json= sets Content-Type: application/json.
-        response = await self._post("/email", json=self.payload(message))
+        response = await self._post("/email", json=payload)
         data = _json(response)
         error_code = data.get("ErrorCode") if isinstance(data, dict) else None
         text = str(data.get("Message") or "") if isinstance(data, dict) else response.text
@@ -465,7 +512,11 @@ class PostmarkTransport(_HttpTransport):
         message = f"postmark: HTTP {status}, ErrorCode {error_code}: {_short(text)}"
         if error_code == self.INACTIVE_RECIPIENT:
             return ProviderPermanentError(
-                message, status, provider=self.provider, suppress=True, provider_code=error_code
+                message,
+                status,
+                provider=self.provider,
+                blames_recipient=True,
+                provider_code=error_code,
             )
         if error_code == self.INVALID_EMAIL_REQUEST:
             if "'from'" in text.lower():
@@ -476,7 +527,7 @@ class PostmarkTransport(_HttpTransport):
                 message,
                 status,
                 provider=self.provider,
-                suppress="'to'" in text.lower(),
+                blames_recipient="'to'" in text.lower(),
                 provider_code=error_code,
             )
         if error_code in self.ACCOUNT_ERROR_CODES or error_code == self.RATE_LIMIT_EXCEEDED:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,8 @@ DELIVERY_COLUMNS = (
     " subject, body_text, body_html, tracking, from_email, from_name, message_id, links, status,"
     " status_reason, attempts, next_attempt_at, lease_until, claimed_by, smtp_code,"
     " smtp_response, due_at, created_at, updated_at, sent_at, mailbox_id, transport,"
-    " provider_message_id, deferrals, dry_run"
+    " provider_message_id, deferrals, dry_run, enhanced_status, bounce_type, last_error,"
+    " handed_off_at"
 )
 
 
@@ -104,22 +106,43 @@ async def mark_sending(
     message_id: str,
     from_email: str,
     from_name: str | None,
+    attempt: int,
+    rate_second: datetime | None = None,
 ) -> bool:
-    """Point of no return: from here a crash leaves the delivery uncertain."""
+    """Point of no return: from here a crash leaves the delivery uncertain. Only while
+    the claim is still ours, and, under a global rate, only within the wall-clock
+    second the hand-off was granted in (``rate_second``)."""
     status = await pool.fetchval(
         "UPDATE deliveries SET status = 'sending', message_id = $4, from_email = $5,"
-        " from_name = $6, attempts = attempts + 1,"
-        " lease_until = clock_timestamp() + make_interval(secs => $3),"
-        " updated_at = clock_timestamp()"
-        " WHERE delivery_key = $1 AND claimed_by = $2 AND status = 'claimed' RETURNING status",
+        " from_name = $6, attempts = $7, handed_off_at = t.now,"
+        " lease_until = t.now + make_interval(secs => $3), updated_at = t.now"
+        " FROM (SELECT clock_timestamp() AS now) AS t"
+        " WHERE delivery_key = $1 AND claimed_by = $2 AND status = 'claimed'"
+        "   AND ($8::timestamptz IS NULL OR date_trunc('second', t.now) = $8)"
+        " RETURNING status",
         key,
         owner,
         lease_seconds,
         message_id,
         from_email,
         from_name,
+        attempt,
+        rate_second,
     )
     return status is not None
+
+
+async def release_claim(pool: asyncpg.Pool, key: str, owner: str) -> bool:
+    """Give a claimed delivery that was not handed off back to the queue (no attempt
+    counted); False when it is no longer ours."""
+    released = await pool.fetchval(
+        "UPDATE deliveries SET status = 'queued', claimed_by = NULL, lease_until = NULL,"
+        " updated_at = clock_timestamp()"
+        " WHERE delivery_key = $1 AND claimed_by = $2 AND status = 'claimed' RETURNING 1",
+        key,
+        owner,
+    )
+    return released is not None
 
 
 async def finish(
@@ -134,13 +157,22 @@ async def finish(
     links: list[str] | None = None,
     transport: str | None = None,
     provider_message_id: str | None = None,
+    enhanced_status: str | None = None,
+    bounce_type: str | None = None,
+    attempts: int | None = None,
+    owner: str | None = None,
 ) -> asyncpg.Record | None:
+    """The delivery's outcome; None when the key is unknown, the delivery was
+    cancelled meanwhile (a cancelled delivery keeps its outcome), or, with ``owner``,
+    when it is no longer that sender's claim or hand-off."""
     return await conn.fetchrow(
         "UPDATE deliveries SET status = $2, status_reason = $3, smtp_code = $4,"
         " smtp_response = $5, sent_at = coalesce($6, sent_at),"
         " links = coalesce($7::jsonb, links), transport = coalesce($8, transport),"
-        " provider_message_id = coalesce($9, provider_message_id), lease_until = NULL,"
-        " updated_at = clock_timestamp() WHERE delivery_key = $1"
+        " provider_message_id = coalesce($9, provider_message_id), enhanced_status = $10,"
+        " bounce_type = $11, attempts = coalesce($12, attempts), lease_until = NULL,"
+        " updated_at = clock_timestamp() WHERE delivery_key = $1 AND status <> 'cancelled'"
+        "   AND ($13::text IS NULL OR (claimed_by = $13 AND status IN ('claimed', 'sending')))"
         f" RETURNING {DELIVERY_COLUMNS}",
         key,
         status,
@@ -151,20 +183,39 @@ async def finish(
         links,
         transport,
         provider_message_id,
+        enhanced_status,
+        bounce_type,
+        attempts,
+        owner,
     )
 
 
 async def defer(
-    conn: asyncpg.Connection, key: str, until: datetime, reason: str, smtp_code: int | None
+    conn: asyncpg.Connection,
+    key: str,
+    until: datetime,
+    reason: str,
+    smtp_code: int | None,
+    *,
+    attempts: int,
+    last_error: str,
+    owner: str,
 ) -> None:
+    """After a transiently failed attempt by ``owner``: try again at ``until`` (unless
+    the delivery is no longer that sender's, e.g. cancelled, or claimed by another
+    after ``owner``'s claim expired)."""
     await conn.execute(
         "UPDATE deliveries SET status = 'deferred', next_attempt_at = $2, status_reason = $3,"
-        " smtp_code = $4, claimed_by = NULL, lease_until = NULL, deferrals = deferrals + 1,"
-        " updated_at = clock_timestamp() WHERE delivery_key = $1",
+        " smtp_code = $4, attempts = $5, last_error = $6, claimed_by = NULL,"
+        " lease_until = NULL, deferrals = deferrals + 1, updated_at = clock_timestamp()"
+        " WHERE delivery_key = $1 AND claimed_by = $7 AND status IN ('claimed', 'sending')",
         key,
         until,
         reason,
         smtp_code,
+        attempts,
+        last_error,
+        owner,
     )
 
 
@@ -210,16 +261,35 @@ async def add_suppression(
     )
 
 
+#: Not handed off yet: a cancellation still stops these. A claimed delivery's sender
+#: finds it cancelled when it tries to mark it sending, and lets it be.
+CANCELLABLE = "('queued', 'deferred', 'claimed')"
+
+
 async def cancel_pending_for_lead(
     conn: asyncpg.Connection, tenant_id: str, lead_id: Any, reason: str
 ) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "UPDATE deliveries SET status = 'cancelled', status_reason = $3,"
-        " updated_at = clock_timestamp()"
-        " WHERE tenant_id = $1 AND lead_id = $2 AND status IN ('queued', 'deferred')"
+        "UPDATE deliveries SET status = 'cancelled', status_reason = $3, claimed_by = NULL,"
+        " lease_until = NULL, updated_at = clock_timestamp()"
+        f" WHERE tenant_id = $1 AND lead_id = $2 AND status IN {CANCELLABLE}"
         f" RETURNING {DELIVERY_COLUMNS}",
         tenant_id,
         lead_id,
+        reason,
+    )
+
+
+async def cancel_pending_for_enrollment(
+    conn: asyncpg.Connection, tenant_id: str, enrollment_id: Any, reason: str
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "UPDATE deliveries SET status = 'cancelled', status_reason = $3, claimed_by = NULL,"
+        " lease_until = NULL, updated_at = clock_timestamp()"
+        f" WHERE tenant_id = $1 AND enrollment_id = $2 AND status IN {CANCELLABLE}"
+        f" RETURNING {DELIVERY_COLUMNS}",
+        tenant_id,
+        enrollment_id,
         reason,
     )
 
@@ -362,11 +432,31 @@ async def reserve(conn: asyncpg.Connection, scope: str, window_start: datetime, 
     return count is not None
 
 
-async def reserve_global(conn: asyncpg.Connection, wanted: int, limit: int) -> int:
-    """Take up to ``wanted`` sends from this wall-clock second's global budget; how
-    many were granted. Atomic across replicas (row lock)."""
+@dataclass(frozen=True, slots=True)
+class GlobalGrant:
+    """Hand-offs granted under the global rate, all within one wall-clock second
+    (the database's clock): ``second`` and how much of it is left."""
+
+    granted: int
+    second: datetime
+    seconds_left: float
+
+
+async def reserve_global(
+    conn: asyncpg.Connection, wanted: int, limit: int, *, min_left: float = 0.05
+) -> GlobalGrant:
+    """Take up to ``wanted`` hand-offs from this wall-clock second's global budget.
+    Atomic across replicas (row lock). Nothing is granted in the last ``min_left``
+    seconds of a second: too little time to hand anything off in it."""
     async with conn.transaction():
-        second = await conn.fetchval("SELECT date_trunc('second', clock_timestamp())")
+        now = await conn.fetchrow(
+            "SELECT date_trunc('second', t) AS second,"
+            " extract(epoch FROM date_trunc('second', t) + interval '1 second' - t)::float8"
+            " AS left FROM (SELECT clock_timestamp() AS t) AS n"
+        )
+        second, left = now["second"], float(now["left"])
+        if left < min_left:
+            return GlobalGrant(0, second, left)
         await conn.execute(
             "INSERT INTO send_counters (scope, window_start, count) VALUES ('global', $1, 0)"
             " ON CONFLICT DO NOTHING",
@@ -385,7 +475,17 @@ async def reserve_global(conn: asyncpg.Connection, wanted: int, limit: int) -> i
                 second,
                 granted,
             )
-        return granted
+        return GlobalGrant(granted, second, left)
+
+
+async def release_global(conn: asyncpg.Connection | asyncpg.Pool, second: datetime, n: int) -> None:
+    """Give back ``n`` hand-offs granted in ``second`` that will not happen."""
+    await conn.execute(
+        "UPDATE send_counters SET count = greatest(count - $2, 0)"
+        " WHERE scope = 'global' AND window_start = $1",
+        second,
+        n,
+    )
 
 
 async def prune_counters(conn: asyncpg.Connection | asyncpg.Pool, before: datetime) -> None:
@@ -460,7 +560,8 @@ async def mark_dry_run(
         "UPDATE deliveries SET status = 'dry_run', dry_run = true, message_id = $2,"
         " from_email = $3, from_name = $4, sent_at = $5, links = $6, mailbox_id = $7,"
         " status_reason = 'dry run: built, not handed off', lease_until = NULL,"
-        f" updated_at = clock_timestamp() WHERE delivery_key = $1 RETURNING {DELIVERY_COLUMNS}",
+        " updated_at = clock_timestamp() WHERE delivery_key = $1 AND status <> 'cancelled'"
+        f" RETURNING {DELIVERY_COLUMNS}",
         key,
         message_id,
         from_email,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiosmtplib
 
+from schemas.events import BounceType
+from services.sender.domain import RejectionClass, classify_smtp_rejection
 from services.sender.mime import BuiltMessage
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,30 @@ class TransientSendError(SendError):
 
 
 class PermanentSendError(SendError):
-    """The server refused this message for good (5xx)."""
+    """The server refused this message for good (5xx); ``rejection`` says how the
+    refusal reads (hard: the address is bad; soft; policy) and its enhanced code."""
+
+    def __init__(
+        self, message: str, code: int | None = None, *, rejection: RejectionClass | None = None
+    ) -> None:
+        super().__init__(message, code)
+        self.rejection = rejection or RejectionClass(BounceType.POLICY)
+
+    @property
+    def suppress(self) -> bool:
+        """The address itself is bad: it belongs on the suppression list."""
+        return self.rejection.suppresses
+
+
+class HandOffRefused(Exception):
+    """The hand-off gate said no (the delivery is no longer ours to send): nothing of
+    the message was handed over, and the envelope was reset."""
+
+
+#: Awaited once the transport is ready to let the message itself go (SMTP: envelope
+#: accepted, right before DATA; HTTP: right before the request). True: go ahead, the
+#: caller has recorded the point of no return. False: abandon (HandOffRefused).
+HandOffGate = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +80,15 @@ class Transport(Protocol):
     """Hands a built message to a mail server or an email API.
 
     ``send`` returns when the message is accepted; it raises TransientSendError
-    (4xx, throttling, HTTP 429/5xx, network trouble: try later or elsewhere) or
-    PermanentSendError (5xx SMTP, provider rejection of this message: do not retry).
+    (4xx, throttling, HTTP 429/5xx, network trouble: try later or elsewhere),
+    PermanentSendError (5xx SMTP, provider rejection of this message: do not retry)
+    or HandOffRefused (``gate`` said no). Whatever is raised before ``gate`` is
+    awaited happened before any of the message left.
     """
 
     name: str
 
-    async def send(self, message: BuiltMessage) -> Accepted: ...
+    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted: ...
 
     async def close(self) -> None: ...
 
@@ -70,9 +98,10 @@ class Transport(Protocol):
 SESSION_CODES = frozenset({523, 530, 534, 535, 538})
 
 
-def _classify(code: int | None, message: str) -> SendError:
+def _classify(code: int | None, text: str, message: str) -> SendError:
+    """The error for a server's reply ``code`` ``text``; ``message`` describes it."""
     if code is not None and 500 <= code < 600 and code not in SESSION_CODES:
-        return PermanentSendError(message, code)
+        return PermanentSendError(message, code, rejection=classify_smtp_rejection(code, text))
     return TransientSendError(message, code)
 
 
@@ -101,40 +130,78 @@ class SmtpTransport:
             await client.login(c.username, c.password or "")
         return client
 
-    async def send(self, message: BuiltMessage) -> Accepted:
-        return await self.send_raw(message.from_email, message.to_email, message.data)
+    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
+        return await self.send_raw(message.from_email, message.to_email, message.data, gate)
 
-    async def send_raw(self, sender: str, recipient: str, data: bytes) -> Accepted:
+    async def send_raw(
+        self, sender: str, recipient: str, data: bytes, gate: HandOffGate | None = None
+    ) -> Accepted:
+        """MAIL FROM and RCPT TO first; then ``gate``; then DATA. A refusal of the
+        envelope (e.g. 550 5.1.1 at RCPT) is raised before the gate: nothing left."""
         async with self._lock:
             for attempt in (1, 2):
                 try:
-                    if self._client is None or not self._client.is_connected:
-                        self._client = await self._connect()
-                    _refused, response = await self._client.sendmail(sender, [recipient], data)
-                    return Accepted(250, response)
-                except aiosmtplib.SMTPRecipientsRefused as exc:
-                    refusal = exc.recipients[0] if exc.recipients else None
-                    code = refusal.code if refusal is not None else None
-                    text = refusal.message if refusal is not None else str(exc)
-                    await self._reset()
-                    raise _classify(code, f"recipient refused: {code} {text}") from exc
-                except aiosmtplib.SMTPAuthenticationError as exc:
-                    # Our credentials, not this message: try another transport, or later.
-                    await self.close()
-                    raise TransientSendError(
-                        f"authentication failed: {exc.code} {exc.message}", exc.code
-                    ) from exc
+                    client = await self._envelope(sender, recipient, len(data))
+                except aiosmtplib.SMTPServerDisconnected as exc:
+                    # A pooled connection the server had closed: once more, afresh.
+                    self._client = None
+                    if attempt == 2:
+                        raise TransientSendError(f"server disconnected: {exc}") from exc
+                    continue
+                if gate is not None:
+                    try:
+                        go = await gate()
+                    except BaseException:
+                        await self._reset()
+                        raise
+                    if not go:
+                        await self._reset()
+                        raise HandOffRefused(f"{self.name}: the hand-off was called off")
+                try:
+                    response = await client.data(data)
+                    return Accepted(response.code, response.message)
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     self._client = None
                     if attempt == 2:
                         raise TransientSendError(f"server disconnected: {exc}") from exc
                 except aiosmtplib.SMTPResponseException as exc:
                     await self._reset()
-                    raise _classify(exc.code, f"{exc.code} {exc.message}") from exc
+                    raise _classify(exc.code, exc.message, f"{exc.code} {exc.message}") from exc
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     await self.close()
                     raise TransientSendError(f"smtp unavailable: {exc!r}") from exc
         raise TransientSendError("unreachable")  # pragma: no cover
+
+    async def _envelope(self, sender: str, recipient: str, size: int) -> aiosmtplib.SMTP:
+        """Connect if needed, then MAIL FROM and RCPT TO; the connected client.
+        SMTPServerDisconnected passes through (the caller reconnects once)."""
+        try:
+            if self._client is None or not self._client.is_connected:
+                self._client = await self._connect()
+            client = self._client
+            options = [f"SIZE={size}"] if client.supports_extension("size") else []
+            await client.mail(sender, options=options)
+            await client.rcpt(recipient)
+            return client
+        except aiosmtplib.SMTPServerDisconnected:
+            raise
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            await self._reset()
+            raise _classify(
+                exc.code, exc.message, f"recipient refused: {exc.code} {exc.message}"
+            ) from exc
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Our credentials, not this message: try another transport, or later.
+            await self.close()
+            raise TransientSendError(
+                f"authentication failed: {exc.code} {exc.message}", exc.code
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._reset()
+            raise _classify(exc.code, exc.message, f"{exc.code} {exc.message}") from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self.close()
+            raise TransientSendError(f"smtp unavailable: {exc!r}") from exc
 
     async def _reset(self) -> None:
         """After a refused transaction, RSET so the connection can be reused."""

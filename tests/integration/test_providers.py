@@ -14,6 +14,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
+from schemas.events import BounceType
 from services.runtime.devstack import free_port
 from services.sender.mime import (
     BuiltMessage,
@@ -30,7 +31,7 @@ from services.sender.providers import (
     SendGridTransport,
     parse_retry_after,
 )
-from services.sender.transport import PermanentSendError, TransientSendError
+from services.sender.transport import HandOffRefused, PermanentSendError, TransientSendError
 from tests.providers import (
     CARRIED_HEADERS,
     PROVIDERS,
@@ -268,7 +269,7 @@ async def test_sendgrid_rate_limit_reset_is_used_without_retry_after() -> None:
 
 REJECTIONS = {
     "sendgrid": (400, {"message": "Does not contain a valid address."}, "valid address"),
-    "mailgun": (400, {"message": "to parameter is not a valid address"}, "not a valid address"),
+    "mailgun": (400, {"message": "from parameter is missing"}, "from parameter"),
     "postmark": (422, {"error_code": 402, "message": "Invalid JSON"}, "Invalid JSON"),
 }
 
@@ -276,6 +277,8 @@ REJECTIONS = {
 async def test_rejection_of_the_message_is_permanent(
     server: ContractServer, transport: Transport
 ) -> None:
+    """A rejection that does not blame the recipient's address is about our message:
+    permanent, classified policy, never a suppression."""
     status, options, text = REJECTIONS[server.provider]
     server.fail_next(status, **options)  # type: ignore[arg-type]
     with pytest.raises(ProviderPermanentError) as caught:
@@ -283,6 +286,69 @@ async def test_rejection_of_the_message_is_permanent(
     assert caught.value.code == status
     assert text in str(caught.value)
     assert caught.value.suppress is False
+    assert caught.value.rejection.bounce_type is BounceType.POLICY
+    assert caught.value.rejection.enhanced_status is None
+
+
+RECIPIENT_REJECTIONS = {
+    "sendgrid": (
+        400,
+        {"message": "Does not contain a valid address.", "field": "personalizations.0.to.0.email"},
+    ),
+    "mailgun": (
+        400,
+        {"message": "'to' parameter is not a valid address. please check documentation"},
+    ),
+    "postmark": (422, {"error_code": 300, "message": "Error parsing 'To': Illegal email address"}),
+}
+
+
+async def test_rejection_of_the_recipients_address_is_hard(
+    server: ContractServer, transport: Transport
+) -> None:
+    """Each provider's own way of saying the To address is invalid: hard, suppressed."""
+    status, options = RECIPIENT_REJECTIONS[server.provider]
+    server.fail_next(status, **options)  # type: ignore[arg-type]
+    with pytest.raises(ProviderPermanentError) as caught:
+        await transport.send(build())
+    assert caught.value.code == status
+    assert caught.value.rejection.bounce_type is BounceType.HARD
+    assert caught.value.suppress is True
+
+
+async def test_sendgrid_error_on_another_field_is_not_the_recipients_fault() -> None:
+    async with provider_server("sendgrid") as server:
+        transport = server.transport()
+        server.fail_next(400, message="Does not contain a valid address.", field="from.email")
+        try:
+            with pytest.raises(ProviderPermanentError) as caught:
+                await transport.send(build())
+        finally:
+            await transport.close()
+    assert "from.email" in str(caught.value)
+    assert caught.value.rejection.bounce_type is BounceType.POLICY
+
+
+async def test_the_gate_is_awaited_right_before_the_request(
+    server: ContractServer, transport: Transport
+) -> None:
+    """The request is the hand-off: the gate runs before it, and a gate that says no
+    keeps the message from reaching the provider at all."""
+    seen: list[int] = []
+
+    async def gate() -> bool:
+        seen.append(len(server.received))
+        return True
+
+    await transport.send(build(), gate)
+    assert seen == [0] and len(server.received) == 1
+
+    async def refuse() -> bool:
+        return False
+
+    with pytest.raises(HandOffRefused):
+        await transport.send(build(), refuse)
+    assert len(server.received) == 1
 
 
 async def test_sendgrid_joins_the_error_messages() -> None:
@@ -313,6 +379,7 @@ async def test_postmark_inactive_recipient_is_suppressed() -> None:
     assert caught.value.code == 422
     assert caught.value.provider_code == 406
     assert caught.value.suppress is True
+    assert caught.value.rejection.bounce_type is BounceType.HARD
     assert "inactive" in str(caught.value)
 
 

@@ -1,22 +1,26 @@
 """The sender's API and mailbox rules, in-process on the real stack: mailboxes CRUD
-with secrets kept out of responses, the suppression list, dry-run switches, and a
-lead keeping its mailbox for the whole sequence."""
+with secrets kept out of responses, the suppression list, dry-run switches, a lead
+keeping its mailbox for the whole sequence, deferrals that never give up, rejections
+classified from real SMTP replies, and a stopped enrollment cancelling what is
+still queued."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas import topics
-from schemas.events import RenderedMessage, StepDue
+from schemas.events import Event, RenderedMessage, StepDue
 from services.runtime.devstack import free_port
 from services.runtime.kafka import create_topics
 from services.runtime.settings import SenderSettings
@@ -32,28 +36,106 @@ async def smtp() -> AsyncIterator[ScriptedSmtp]:
         yield server
 
 
+StartSender = Callable[..., Awaitable[SenderService]]
+
+
 @pytest.fixture
-async def sender(
+async def start_sender(
     database_url: str, kafka_bootstrap: str, smtp: ScriptedSmtp
-) -> AsyncIterator[SenderService]:
+) -> AsyncIterator[StartSender]:
+    """Start a sender in-process with the test's SMTP server and extra settings."""
     await create_topics(kafka_bootstrap, 2)
-    service = SenderService(
-        SenderSettings(
-            database_url=database_url,
-            kafka_bootstrap_servers=kafka_bootstrap,
-            kafka_session_timeout_ms=3000,
-            http_port=free_port(),
-            http_host="127.0.0.1",
-            tracking_secret="test-secret",
-            smtp_host=smtp.host,
-            smtp_port=smtp.port,
+    started: list[SenderService] = []
+
+    async def start(**settings: Any) -> SenderService:
+        service = SenderService(
+            SenderSettings(
+                database_url=database_url,
+                kafka_bootstrap_servers=kafka_bootstrap,
+                kafka_session_timeout_ms=3000,
+                http_port=free_port(),
+                http_host="127.0.0.1",
+                tracking_secret="test-secret",
+                smtp_host=smtp.host,
+                smtp_port=smtp.port,
+                **settings,
+            )
         )
-    )
-    await service.start()
+        await service.start()
+        started.append(service)
+        return service
+
     try:
-        yield service
+        yield start
     finally:
-        await service.stop()
+        for service in started:
+            await service.stop()
+
+
+@pytest.fixture
+async def sender(start_sender: StartSender) -> SenderService:
+    return await start_sender()
+
+
+@pytest.fixture
+async def publish(kafka_bootstrap: str) -> AsyncIterator[Callable[[Event], Awaitable[None]]]:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+
+    async def send(event: Event) -> None:
+        topic = topics.STEP_DUE if event.event_type != "EngagementReceived" else topics.ENGAGEMENT
+        await producer.send_and_wait(topic, event.to_bytes(), key=event.kafka_key())
+
+    try:
+        yield send
+    finally:
+        await producer.stop()
+
+
+def step_due(
+    to_email: str,
+    *,
+    lead_id: uuid.UUID | None = None,
+    enrollment_id: uuid.UUID | None = None,
+    step_index: int = 0,
+) -> StepDue:
+    enrollment = enrollment_id or uuid.uuid4()
+    return StepDue(
+        lead_id=lead_id or uuid.uuid4(),
+        enrollment_id=enrollment,
+        sequence_id=uuid.uuid4(),
+        sequence_key="s",
+        sequence_version=1,
+        step_id=uuid.uuid4(),
+        step_index=step_index,
+        delivery_key=f"{enrollment}:{step_index}",
+        due_at=datetime.now(UTC),
+        message=RenderedMessage(to_email=to_email, subject=f"Step {step_index}", text="Hello"),
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def delivery(service: SenderService, to_email: str) -> Any:
+    return await service.pool.fetchrow(
+        "SELECT * FROM deliveries WHERE to_email = $1 ORDER BY created_at", to_email
+    )
+
+
+async def failed_events(service: SenderService) -> dict[str, dict[str, Any]]:
+    rows = await service.pool.fetch(
+        "SELECT payload FROM outbox WHERE event_type = 'EmailFailed' ORDER BY id"
+    )
+    events = [json.loads(r["payload"]) for r in rows]
+    return {e["to_email"]: e for e in events}
 
 
 @pytest.fixture
@@ -254,3 +336,231 @@ async def test_soft_bounces_are_retried_a_bounded_number_of_times(
     finally:
         await producer.stop()
         await service.stop()
+
+
+# ------------------------------------------------------------------ deferrals
+
+
+async def test_a_throttled_delivery_is_deferred_again_and_again_never_dropped(
+    start_sender: StartSender, smtp: ScriptedSmtp, publish: Callable[[Event], Awaitable[None]]
+) -> None:
+    """Twelve throttles in a row (more than the old give-up after 8): each one defers
+    the delivery with a capped backoff, visible on /deliveries, and the message goes
+    out once the server takes it."""
+    service = await start_sender(retry_base_seconds=0.05, retry_max_seconds=0.2)
+    smtp.reply("busy@example.org", *["421 4.7.0 Try again later"] * 12)
+    due = step_due("busy@example.org")
+    await publish(due)
+    url = f"http://127.0.0.1:{service.settings.http_port}"
+    seen_deferred: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def sent() -> bool:
+            items = (await client.get("/deliveries")).json()["items"]
+            if items and items[0]["status"] == "deferred":
+                seen_deferred.append(items[0])
+            return bool(items) and items[0]["status"] == "sent"
+
+        await eventually(sent, "the delivery after twelve throttles")
+        item = (await client.get("/deliveries")).json()["items"][0]
+
+    assert len(smtp.received) == 1 and smtp.attempts["busy@example.org"] == 13
+    assert (item["attempts"], item["deferrals"]) == (13, 12)
+    assert "421" in item["last_error"] and item["status_reason"] is None
+    assert seen_deferred, "the deferral was never visible"
+    shown = seen_deferred[-1]
+    assert shown["status_reason"].startswith("deferred: smtp#0: 421")
+    assert shown["next_attempt_at"] is not None and shown["attempts"] >= 1
+    assert "Try again later" in shown["last_error"]
+    assert await failed_events(service) == {}
+
+
+async def test_an_explicit_give_up_is_a_soft_failure_that_never_suppresses(
+    start_sender: StartSender, smtp: ScriptedSmtp, publish: Callable[[Event], Awaitable[None]]
+) -> None:
+    service = await start_sender(retry_base_seconds=0.05, retry_max_seconds=0.1, max_attempts=3)
+    smtp.reply("busy@example.org", *["451 4.3.0 Local error"] * 10)
+    await publish(step_due("busy@example.org"))
+
+    async def failed() -> Any:
+        row = await delivery(service, "busy@example.org")
+        return row if row is not None and row["status"] == "failed" else None
+
+    row = await eventually(failed, "the give-up")
+    assert row["attempts"] == 3 and smtp.attempts["busy@example.org"] == 3
+    assert "gave up after 3 attempts (SENDER_MAX_ATTEMPTS)" in row["status_reason"]
+    assert row["bounce_type"] == "soft"
+    event = (await failed_events(service))["busy@example.org"]
+    assert (event["failure"], event["bounce_type"], event["smtp_code"]) == (
+        "permanent",
+        "soft",
+        451,
+    )
+    assert await service.pool.fetchval("SELECT count(*) FROM suppressions") == 0
+
+
+# ------------------------------------------------------------- classification
+
+
+REJECTIONS = {
+    # address: (stage, reply, bounce type, enhanced status, suppressed)
+    "hard@example.org": (
+        "rcpt",
+        "550 5.1.1 <hard@example.org>: Recipient address rejected: User unknown",
+        "hard",
+        "5.1.1",
+    ),
+    "gone@example.org": ("rcpt", "550 No such user here", "hard", None),
+    "spam@example.org": ("data", "550 5.7.1 Message rejected as spam", "policy", "5.7.1"),
+    "dmarc@example.org": (
+        "data",
+        "550 5.7.26 Unauthenticated email from acme.example is not accepted due to"
+        " domain's DMARC policy",
+        "policy",
+        "5.7.26",
+    ),
+    "blocked@example.org": (
+        "rcpt",
+        "554 Service unavailable; Client host blocked using zen.spamhaus.org",
+        "policy",
+        None,
+    ),
+    "full@example.org": ("data", "552 5.2.2 Mailbox full", "soft", "5.2.2"),
+}
+
+
+async def test_rejections_are_classified_and_only_hard_ones_suppress(
+    sender: SenderService, smtp: ScriptedSmtp, publish: Callable[[Event], Awaitable[None]]
+) -> None:
+    for address, (stage, reply, _kind, _status) in REJECTIONS.items():
+        (smtp.reply_rcpt if stage == "rcpt" else smtp.reply)(address, reply)
+        await publish(step_due(address))
+
+    async def all_failed() -> bool:
+        rows = await sender.pool.fetch("SELECT status FROM deliveries WHERE status = 'failed'")
+        return len(rows) == len(REJECTIONS)
+
+    await eventually(all_failed, "every delivery failed")
+    url = f"http://127.0.0.1:{sender.settings.http_port}"
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        items = {i["to_email"]: i for i in (await client.get("/deliveries")).json()["items"]}
+        suppressed = {s["email"] for s in (await client.get("/suppressions")).json()["items"]}
+    events = await failed_events(sender)
+    for address, (stage, reply, kind, status) in REJECTIONS.items():
+        item, event = items[address], events[address]
+        assert (item["bounce_type"], item["enhanced_status"]) == (kind, status), address
+        assert item["smtp_code"] == int(reply[:3])
+        assert (event["failure"], event["bounce_type"]) == ("permanent", kind), address
+        assert (event["enhanced_status"], event["smtp_code"]) == (status, int(reply[:3]))
+        # Refused at RCPT: the message itself never left, so it never was "sending".
+        assert (item["handed_off_at"] is None) is (stage == "rcpt"), address
+    assert suppressed == {"hard@example.org", "gone@example.org"}
+    assert smtp.received == []
+    assert smtp.attempts["hard@example.org"] == 0 and smtp.attempts["spam@example.org"] == 1
+
+
+# ----------------------------------------------------------- stopped enrollments
+
+
+async def test_a_stopped_enrollment_cancels_what_is_not_handed_off(
+    sender: SenderService, smtp: ScriptedSmtp, publish: Callable[[Event], Awaitable[None]]
+) -> None:
+    from schemas.events import EnrollmentStopped
+
+    lead, enrollment, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    first = step_due("pat@example.org", lead_id=lead, enrollment_id=enrollment)
+    await publish(first)
+    await eventually(lambda: _status_is(sender, first.delivery_key, "sent"), "the first email")
+    # The follow-up is throttled (deferred for a minute); another enrollment of the
+    # same lead is throttled too.
+    smtp.reply("pat@example.org", "421 4.7.0 Try again later", "421 4.7.0 Try again later")
+    follow_up = step_due("pat@example.org", lead_id=lead, enrollment_id=enrollment, step_index=1)
+    elsewhere = step_due("pat@example.org", lead_id=lead, enrollment_id=other)
+    await publish(follow_up)
+    await publish(elsewhere)
+    for due in (follow_up, elsewhere):
+        await eventually(lambda d=due: _status_is(sender, d.delivery_key, "deferred"), "deferral")
+
+    stopped = EnrollmentStopped(lead_id=lead, enrollment_id=enrollment, reason="stopped by a user")
+    await publish(stopped)
+    await eventually(
+        lambda: _status_is(sender, follow_up.delivery_key, "cancelled"), "the cancellation"
+    )
+    row = await sender.pool.fetchrow(
+        "SELECT status_reason FROM deliveries WHERE delivery_key = $1", follow_up.delivery_key
+    )
+    assert row["status_reason"] == "enrollment stopped: stopped by a user"
+    assert await _status_is(sender, first.delivery_key, "sent")  # handed off: left as it is
+    assert await _status_is(sender, elsewhere.delivery_key, "deferred")  # another enrollment
+    cancelled = [
+        json.loads(r["payload"])
+        for r in await sender.pool.fetch(
+            "SELECT payload FROM outbox WHERE event_type = 'EmailFailed'"
+        )
+    ]
+    assert [(e["delivery_key"], e["failure"]) for e in cancelled] == [
+        (follow_up.delivery_key, "cancelled")
+    ]
+    # A redelivered StepDue does not bring the cancelled delivery back.
+    await publish(follow_up)
+    await asyncio.sleep(1.0)
+    assert await _status_is(sender, follow_up.delivery_key, "cancelled")
+    assert len(smtp.received) == 1
+
+
+async def test_a_claimed_delivery_cancelled_before_its_hand_off_is_not_sent(
+    sender: SenderService,
+) -> None:
+    """The dispatcher holds claimed deliveries in memory before handing them off; a
+    stop in between wins: the claim can no longer be marked sending."""
+    from schemas.events import EnrollmentStopped
+    from services.sender import handlers, repo
+
+    # Due tomorrow: the service's own dispatcher leaves it alone; this test claims it.
+    due = step_due("lee@example.org").model_copy(
+        update={"due_at": datetime.now(UTC) + timedelta(days=1)}
+    )
+    stop = EnrollmentStopped(lead_id=due.lead_id, enrollment_id=due.enrollment_id, reason="x")
+    pool = sender.pool
+    async with pool.acquire() as conn, conn.transaction():
+        await handlers.handle_step_due(conn, [due])
+        claimed = await repo.claim_ready(conn, due.due_at, 10, 30.0, "me")
+    assert [r["delivery_key"] for r in claimed] == [due.delivery_key]
+    async with pool.acquire() as conn, conn.transaction():
+        await handlers.handle_step_due(conn, [stop])
+    marked = await repo.mark_sending(
+        pool, due.delivery_key, "me", 30.0, "<m@example.org>", "a@example.org", None, 1
+    )
+    assert marked is False
+    assert not await repo.release_claim(pool, due.delivery_key, "me")
+    row = await pool.fetchrow("SELECT status, claimed_by FROM deliveries")
+    assert (row["status"], row["claimed_by"]) == ("cancelled", None)
+
+
+async def test_a_stop_in_the_same_batch_as_its_step_due_applies_in_order(
+    sender: SenderService,
+) -> None:
+    """One consumer batch can hold a StepDue and the EnrollmentStopped after it: they
+    apply in the topic's order, so the delivery is created, then cancelled; a StepDue
+    of another enrollment after the stop is queued."""
+    from schemas.events import EnrollmentStopped
+    from services.sender import handlers
+
+    later = datetime.now(UTC) + timedelta(days=1)
+    due = step_due("kim@example.org").model_copy(update={"due_at": later})
+    other = step_due("kim@example.org", lead_id=due.lead_id).model_copy(update={"due_at": later})
+    stop = EnrollmentStopped(lead_id=due.lead_id, enrollment_id=due.enrollment_id, reason="y")
+    async with sender.pool.acquire() as conn, conn.transaction():
+        await handlers.handle_step_due(conn, [due, stop, other])
+    statuses = {
+        r["delivery_key"]: r["status"]
+        for r in await sender.pool.fetch("SELECT delivery_key, status FROM deliveries")
+    }
+    assert statuses == {due.delivery_key: "cancelled", other.delivery_key: "queued"}
+
+
+async def _status_is(service: SenderService, key: str, status: str) -> bool:
+    current = await service.pool.fetchval(
+        "SELECT status FROM deliveries WHERE delivery_key = $1", key
+    )
+    return bool(current == status)

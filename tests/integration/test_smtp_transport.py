@@ -19,10 +19,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import tests.smtp_server as smtp_server_module
+from schemas.events import BounceType
 from services.runtime.devstack import free_port
 from services.sender.mime import DkimKey, OutgoingEmail, TrackingConfig, build_message
 from services.sender.transport import (
     Accepted,
+    HandOffRefused,
     PermanentSendError,
     SmtpConfig,
     SmtpTransport,
@@ -357,16 +359,26 @@ async def test_4xx_is_transient_and_the_connection_is_reused(reply: str) -> None
     assert server.connections == 1
 
 
+HARD, SOFT, POLICY = BounceType.HARD, BounceType.SOFT, BounceType.POLICY
+
+
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "kind", "status"),
     [
-        "550 5.1.1 User unknown",
-        "551 5.1.6 User not local",
-        "553 5.1.3 Mailbox name not allowed",
-        "554 5.7.1 Message rejected as spam",
+        ("550 5.1.1 User unknown", HARD, "5.1.1"),
+        ("551 5.1.6 User not local", HARD, "5.1.6"),
+        ("553 5.1.3 Mailbox name not allowed", HARD, "5.1.3"),
+        ("554 5.7.1 Message rejected as spam", POLICY, "5.7.1"),
+        ("550 5.7.1 Service unavailable, client host blocked", POLICY, "5.7.1"),
+        ("550 5.7.26 Unauthenticated email is not accepted due to DMARC policy", POLICY, "5.7.26"),
+        ("552 5.2.2 Mailbox full", SOFT, "5.2.2"),
+        ("550 No such user here", HARD, None),
+        ("554 Transaction failed", POLICY, None),
     ],
 )
-async def test_5xx_is_permanent_with_its_code(reply: str) -> None:
+async def test_5xx_is_permanent_with_its_code_and_classification(
+    reply: str, kind: BounceType, status: str | None
+) -> None:
     code = int(reply[:3])
     async with counting_server() as (server, _), transport_for(server) as transport:
         server.reply(RECIPIENT, reply)
@@ -375,8 +387,96 @@ async def test_5xx_is_permanent_with_its_code(reply: str) -> None:
 
     assert caught.value.code == code
     assert reply[4:] in str(caught.value)
+    assert caught.value.rejection.bounce_type is kind
+    assert caught.value.rejection.enhanced_status == status
+    assert caught.value.suppress is (kind is HARD)
     assert server.received == []
     assert server.attempts[RECIPIENT] == 1, "a permanent refusal must not be retried"
+
+
+# ----------------------------------------------------------------- the hand-off gate
+
+
+class Gate:
+    """Records when the transport asks to let the message go, and what the server had
+    seen by then."""
+
+    def __init__(self, server: ScriptedSmtp, answer: bool = True) -> None:
+        self.server = server
+        self.answer = answer
+        self.calls: list[tuple[int, int]] = []
+
+    async def __call__(self) -> bool:
+        self.calls.append((self.server.rcpt_attempts[RECIPIENT], self.server.attempts[RECIPIENT]))
+        return self.answer
+
+
+async def test_the_gate_runs_after_rcpt_and_before_data() -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        gate = Gate(server)
+        accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(1), gate)
+
+    assert accepted.code == 250
+    assert gate.calls == [(1, 0)], "one RCPT accepted, no DATA yet"
+    assert [r.data for r in server.received] == [raw_message(1)]
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "kind"),
+    [
+        ("550 5.1.1 <ada@example.org>: Recipient address rejected: User unknown", None, HARD),
+        ("550 5.7.1 Recipient address rejected: Access denied by policy", None, POLICY),
+        ("450 4.2.1 Mailbox temporarily unavailable", TransientSendError, None),
+    ],
+)
+async def test_a_refusal_at_rcpt_comes_before_the_gate(
+    reply: str, error: type[Exception] | None, kind: BounceType | None
+) -> None:
+    """The envelope is refused before anything of the message left: the delivery never
+    reaches its point of no return, and the connection serves the next message."""
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.reply_rcpt(RECIPIENT, reply)
+        gate = Gate(server)
+        with pytest.raises(error or PermanentSendError) as caught:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1), gate)
+        assert gate.calls == []
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(2), gate)
+
+    if kind is not None:
+        assert isinstance(caught.value, PermanentSendError)
+        assert caught.value.rejection.bounce_type is kind
+    else:
+        assert not isinstance(caught.value, PermanentSendError)
+    assert caught.value.code == int(reply[:3])  # type: ignore[attr-defined]
+    assert gate.calls == [(2, 0)]
+    assert [r.data for r in server.received] == [raw_message(2)]
+    assert server.connections == 1
+
+
+async def test_a_gate_that_says_no_hands_nothing_over() -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        with pytest.raises(HandOffRefused):
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1), Gate(server, False))
+        assert server.attempts[RECIPIENT] == 0 and server.received == []
+        # The envelope was reset: the connection carries the next message cleanly.
+        other = "grace@example.org"
+        await transport.send_raw(SENDER, other, raw_message(2, other))
+
+    assert [(r.rcpt_tos, r.data) for r in server.received] == [([other], raw_message(2, other))]
+    assert server.connections == 1
+
+
+async def test_a_failing_gate_propagates_and_leaves_the_connection_usable() -> None:
+    async def broken() -> bool:
+        raise ConnectionResetError("database went away")
+
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        with pytest.raises(ConnectionResetError):
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1), broken)
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+
+    assert [r.data for r in server.received] == [raw_message(2)]
+    assert server.connections == 1
 
 
 async def test_after_a_refusal_the_same_connection_sends_the_next_message() -> None:
