@@ -15,6 +15,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from services.nurture import handlers, repo, sequences
 from services.nurture.model import SEQUENCE_KEY, SequenceInvalid
 from services.nurture.sequences import Conflict, NotFound
+from services.runtime.outbox import enqueue_many
 
 if TYPE_CHECKING:
     from services.nurture.app import NurtureService
@@ -438,6 +439,8 @@ def install(app: FastAPI, service: NurtureService) -> None:
                 return False
             await repo.stop_enrollments(conn, [enrollment_id], reason, now)
             await _log(conn, enrollment_id, "stopped", reason, now)
+            # An email still waiting at the sender must not go out.
+            await enqueue_many(conn, handlers.stop_notices([row], reason))
             return True
 
         return await _change(enrollment_id, work, "stop")

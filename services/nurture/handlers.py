@@ -18,6 +18,7 @@ from schemas.events import (
     EmailSent,
     EngagementReceived,
     EngagementType,
+    EnrollmentStopped,
     FailureKind,
     LeadAction,
     LeadRouted,
@@ -413,6 +414,27 @@ async def handle_email_outcome(
         await apply_advances(conn, advanced, now, cache=steps)
 
 
+def stop_notices(
+    rows: Sequence[Mapping[str, Any]], reason: str
+) -> list[tuple[str, EnrollmentStopped]]:
+    """Tell the sender about enrollments stopped from outside their sequence (a user, an
+    engagement, a colleague's reply): on ``step-due``, keyed by the lead, so each
+    follows the StepDue of any email still waiting there, which the sender then
+    cancels unless it has handed it off already."""
+    return [
+        (
+            topics.STEP_DUE,
+            EnrollmentStopped(
+                tenant_id=row["tenant_id"],
+                lead_id=row["lead_id"],
+                enrollment_id=row["id"],
+                reason=reason,
+            ),
+        )
+        for row in rows
+    ]
+
+
 async def handle_engagement(
     conn: asyncpg.Connection, events: list[EngagementReceived], *, now: datetime
 ) -> None:
@@ -451,9 +473,11 @@ async def handle_engagement(
         ]
         if running:
             await repo.stop_enrollments(conn, list(stopped), reason, now)
+        notices = stop_notices(running, reason)
         if event.engagement_type is EngagementType.REPLIED:
             for row in await _company_stops(conn, event, stopped):
                 await repo.stop_enrollments(conn, [row["id"]], "company replied", now)
+                notices += stop_notices([row], "company replied")
                 log.append(
                     (
                         row["tenant_id"],
@@ -464,6 +488,7 @@ async def handle_engagement(
                     )
                 )
         await repo.write_log(conn, log, now)
+        await enqueue_many(conn, notices)
 
 
 async def _pause_for_auto_reply(
