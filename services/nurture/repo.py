@@ -541,6 +541,13 @@ async def create_sequence(
     return sequence_id, version_id
 
 
+async def database_time(conn: asyncpg.Connection) -> datetime:
+    """PostgreSQL's clock now (not the transaction's start): one clock for every
+    replica, and, read after a row lock, later than the change that held it before."""
+    value: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return value
+
+
 async def sequence_exists(conn: asyncpg.Connection, tenant_id: str, key: str) -> bool:
     return bool(
         await conn.fetchval(

@@ -94,7 +94,11 @@ async def _announce(
     current_version: int | None,
 ) -> None:
     """Tell the router (topic ``sequences``, through the outbox, in this transaction)
-    what the sequence is now: the router refuses leads for sequences it does not know."""
+    what the sequence is now: the router refuses leads for sequences it does not know.
+
+    The router keeps the latest change of each sequence by ``occurred_at``, which is
+    the database's clock read while this transaction holds the sequence's row: a later
+    change (on any replica) always carries a later time."""
     await enqueue(
         conn,
         topics.SEQUENCES,
@@ -104,6 +108,7 @@ async def _announce(
             sequence_id=sequence_id,
             status=status,
             current_version=current_version,
+            occurred_at=await repo.database_time(conn),
         ),
     )
 

@@ -105,9 +105,11 @@ async def test_every_change_of_a_sequence_is_announced(
         [("acme", "x", "draft", 1)],
     )
     flow_id = (await client.get(base)).json()["id"]
-    assert {
-        e.sequence_id for _, e in await announced(nurture.pool) if e.sequence_key == "flow"
-    } == {uuid.UUID(flow_id)}
+    flow = [e for _, e in await announced(nurture.pool) if e.sequence_key == "flow"]
+    assert {e.sequence_id for e in flow} == {uuid.UUID(flow_id)}
+    # The router keeps the latest change by occurred_at: each change is later.
+    times = [e.occurred_at for e in flow]
+    assert times == sorted(times) and len(set(times)) == len(times)
 
     # Refused changes announce nothing: their transaction wrote nothing.
     refused = await client.post(f"{base}/pause")
