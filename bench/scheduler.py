@@ -4,7 +4,8 @@ over a table of a million enrollments, and the outbox relay that publishes them.
   (a) `repo.claim_due(conn, now, 1000)` in a transaction that is rolled back, 200
       times over 1% due rows: p50/p99 (target p99 <= 20 ms);
   (b) `handlers.run_due(conn, now=..., limit=1000, steps=StepCache())`, one
-      transaction per round as the scheduler loop runs it, until nothing is due
+      transaction per round as the scheduler loops run it (`--loops`, by default
+      as many as a nurture process runs: NURTURE_SCHEDULER_LOOPS), until nothing is due
       (`--due` enrollments, one email each): StepDue/s written to the outbox
       (target >= 10,000/s); then the OutboxRelay publishing them to the broker:
       published/s.
@@ -19,7 +20,7 @@ hour (each at an email step, its earlier emails in enrollment_emails), the rest
 active and due over the next 49 days, or awaiting a send, completed or stopped.
 
     python -m bench.scheduler [--enrollments 1000000] [--due 50000] [--claims 200]
-                              [--jobs N] [--loops 1] [--profile]
+                              [--jobs N] [--loops 2] [--profile]
 
 With --profile it prints the time spent in each part of a round. A full run takes
 about two and a half minutes on 2 cores (the procrastinate drain is most of it).
@@ -52,6 +53,7 @@ from services.runtime.db import create_pool, migrate
 from services.runtime.devstack import Stack
 from services.runtime.kafka import create_topics, new_broker
 from services.runtime.outbox import OutboxRelay
+from services.runtime.settings import NurtureSettings
 
 MIGRATIONS = Path(handlers.__file__).parent / "migrations"
 SEQUENCE = "cold_outreach"
@@ -466,7 +468,10 @@ def main() -> None:
         "--jobs", type=int, default=None, help="procrastinate jobs (default: --due)"
     )
     parser.add_argument(
-        "--loops", type=int, default=1, help="scheduler loops side by side in (b) (replicas)"
+        "--loops",
+        type=int,
+        default=NurtureSettings.model_fields["scheduler_loops"].default,
+        help="scheduler loops side by side in (b) (NURTURE_SCHEDULER_LOOPS)",
     )
     parser.add_argument("--profile", action="store_true", help="time each part of a round")
     args = parser.parse_args()

@@ -69,7 +69,8 @@ class NurtureService(Service[NurtureSettings]):
         await handlers.handle_engagement(conn, events, now=self.clock.now())
 
     def background_loops(self) -> list[BackgroundLoop]:
-        return [self.scheduler, self.notifier]
+        loops: list[BackgroundLoop] = [self.scheduler] * self.settings.scheduler_loops
+        return [*loops, self.notifier]
 
     async def scheduler(self, stop: asyncio.Event) -> None:
         """Claim due enrollments in batches (FOR UPDATE SKIP LOCKED) and advance them.

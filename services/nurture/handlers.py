@@ -360,28 +360,27 @@ async def handle_email_outcome(
     now: datetime,
     steps: StepCache,
 ) -> None:
-    advanced: list[tuple[asyncpg.Record, Advance]] = []
+    """Advance the enrollments whose awaited email went out (or stop them when it
+    failed for good): a handful of statements for the whole batch."""
+    await repo.record_sent_emails(conn, [e for e in events if isinstance(e, EmailSent)])
+    rows = await repo.enrollments_for_update(conn, [e.enrollment_id for e in events])
+    matched: list[tuple[asyncpg.Record, EmailSent | EmailFailed]] = []
     for event in events:
-        if isinstance(event, EmailSent):
-            await repo.record_sent_email(
-                conn,
-                event.delivery_key,
-                event.enrollment_id,
-                event.step_id,
-                event.variant,
-                event.message_id,
-                event.sent_at,
-                event.uncertain,
-            )
-        row = await repo.enrollment_for_update(conn, event.enrollment_id)
+        row = rows.get(event.enrollment_id)
         if (
             row is None
             or row["status"] not in ("awaiting_send", "paused")
             or row["awaiting_delivery_key"] != event.delivery_key
         ):
             continue  # stopped meanwhile, or an outcome we already applied
+        rows.pop(event.enrollment_id)  # one outcome per awaited email
+        matched.append((row, event))
+    sent_rows = [row for row, event in matched if isinstance(event, EmailSent)]
+    context = await load_context(conn, sent_rows, steps) if sent_rows else None
+    advanced: list[tuple[asyncpg.Record, Advance]] = []
+    for row, event in matched:
         if isinstance(event, EmailSent):
-            context = await load_context(conn, [row], steps)
+            assert context is not None
             if row["status"] == "paused":
                 # Paused while the email was on its way: record it, go no further.
                 advance = domain.sent_while_paused(

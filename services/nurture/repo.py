@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from schemas.events import EmailSent
 from services.nurture.domain import Advance, LogEntry, Step
 from services.nurture.presets import Preset
 
@@ -213,6 +214,18 @@ async def enrollment_for_update(
     )
 
 
+async def enrollments_for_update(
+    conn: asyncpg.Connection, enrollment_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, asyncpg.Record]:
+    """Lock these enrollments (in id order, so concurrent transactions cannot deadlock)."""
+    rows = await conn.fetch(
+        f"SELECT {ENROLLMENT_COLUMNS} FROM enrollments WHERE id = ANY($1::uuid[])"
+        " ORDER BY id FOR UPDATE",
+        list(set(enrollment_ids)),
+    )
+    return {r["id"]: r for r in rows}
+
+
 async def running_enrollments_for_update(
     conn: asyncpg.Connection, tenant_id: str, lead_id: uuid.UUID
 ) -> list[asyncpg.Record]:
@@ -229,32 +242,37 @@ async def apply_advances(
     items: Sequence[tuple[uuid.UUID, Advance, str | None]],
     now: datetime,
 ) -> None:
-    """Write each enrollment's new state. Items: (id, advance, thread subject)."""
-    await conn.executemany(
-        "UPDATE enrollments SET status = $2::text, position = $3, cursor = $4, steps_done = $5,"
-        " next_action_at = $6, thread_delivery_key = $7, awaiting_delivery_key = $8,"
-        " stop_reason = coalesce($9::text, stop_reason), last_activity_at = $10::timestamptz,"
-        " finished_at = CASE WHEN $2::text IN ('completed', 'stopped') THEN $10::timestamptz END,"
-        " due_since = $11, waiting_on = $12, thread_subject = coalesce(thread_subject, $13)"
-        " WHERE id = $1",
-        [
-            (
-                enrollment_id,
-                a.status,
-                a.position,
-                a.cursor,
-                a.steps_done,
-                a.next_action_at,
-                a.thread_delivery_key,
-                a.awaiting_delivery_key,
-                a.stop_reason,
-                now,
-                a.due_since,
-                a.waiting_on,
-                thread_subject,
-            )
-            for enrollment_id, a, thread_subject in items
-        ],
+    """Write each enrollment's new state, in one statement. Items: (id, advance,
+    thread subject)."""
+    if not items:
+        return
+    await conn.execute(
+        "UPDATE enrollments e SET status = u.status, position = u.position,"
+        " cursor = u.cursor, steps_done = u.steps_done, next_action_at = u.next_action_at,"
+        " thread_delivery_key = u.thread_key, awaiting_delivery_key = u.awaiting_key,"
+        " stop_reason = coalesce(u.stop_reason, e.stop_reason), last_activity_at = $1::timestamptz,"
+        " finished_at = CASE WHEN u.status IN ('completed', 'stopped') THEN $1::timestamptz END,"
+        " due_since = u.due_since, waiting_on = u.waiting_on,"
+        " thread_subject = coalesce(e.thread_subject, u.thread_subject)"
+        " FROM unnest($2::uuid[], $3::text[], $4::int[], $5::int[], $6::int[],"
+        " $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],"
+        " $12::text[], $13::text[]) AS u(id, status, position, cursor, steps_done,"
+        " next_action_at, thread_key, awaiting_key, stop_reason, due_since, waiting_on,"
+        " thread_subject)"
+        " WHERE e.id = u.id",
+        now,
+        [enrollment_id for enrollment_id, _, _ in items],
+        [a.status for _, a, _ in items],
+        [a.position for _, a, _ in items],
+        [a.cursor for _, a, _ in items],
+        [a.steps_done for _, a, _ in items],
+        [a.next_action_at for _, a, _ in items],
+        [a.thread_delivery_key for _, a, _ in items],
+        [a.awaiting_delivery_key for _, a, _ in items],
+        [a.stop_reason for _, a, _ in items],
+        [a.due_since for _, a, _ in items],
+        [a.waiting_on for _, a, _ in items],
+        [subject for _, _, subject in items],
     )
 
 
@@ -276,14 +294,18 @@ async def write_log(
     entries: Sequence[tuple[str, uuid.UUID, LogEntry]],
     now: datetime,
 ) -> None:
+    """Execution-log entries, in this order, in one statement."""
     if entries:
-        await conn.executemany(
+        await conn.execute(
             "INSERT INTO execution_log (tenant_id, enrollment_id, at, step_index, decision,"
-            " reason) VALUES ($1, $2, $3, $4, $5, $6)",
-            [
-                (t, e, now, entry.step_index, entry.decision, entry.reason)
-                for t, e, entry in entries
-            ],
+            " reason) SELECT u.t, u.e, $1, u.s, u.d, u.r FROM unnest($2::text[], $3::uuid[],"
+            " $4::int[], $5::text[], $6::text[]) AS u(t, e, s, d, r)",
+            now,
+            [t for t, _, _ in entries],
+            [e for _, e, _ in entries],
+            [entry.step_index for _, _, entry in entries],
+            [entry.decision for _, _, entry in entries],
+            [entry.reason for _, _, entry in entries],
         )
 
 
@@ -299,28 +321,22 @@ async def record_engagements(conn: asyncpg.Connection, rows: Sequence[tuple[Any,
         )
 
 
-async def record_sent_email(
-    conn: asyncpg.Connection,
-    delivery_key: str,
-    enrollment_id: uuid.UUID,
-    step_id: uuid.UUID,
-    variant: str | None,
-    message_id: str,
-    sent_at: datetime,
-    uncertain: bool,
-) -> None:
-    await conn.execute(
-        "INSERT INTO enrollment_emails (delivery_key, enrollment_id, step_id, variant,"
-        " message_id, sent_at, uncertain) VALUES ($1,$2,$3,$4,$5,$6,$7)"
-        " ON CONFLICT (delivery_key) DO NOTHING",
-        delivery_key,
-        enrollment_id,
-        step_id,
-        variant,
-        message_id,
-        sent_at,
-        uncertain,
-    )
+async def record_sent_emails(conn: asyncpg.Connection, events: Sequence[EmailSent]) -> None:
+    """The emails enrollments sent, per step (what conditions measure time from)."""
+    if events:
+        await conn.execute(
+            "INSERT INTO enrollment_emails (delivery_key, enrollment_id, step_id, variant,"
+            " message_id, sent_at, uncertain) SELECT * FROM unnest($1::text[], $2::uuid[],"
+            " $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])"
+            " ON CONFLICT (delivery_key) DO NOTHING",
+            [e.delivery_key for e in events],
+            [e.enrollment_id for e in events],
+            [e.step_id for e in events],
+            [e.variant for e in events],
+            [e.message_id for e in events],
+            [e.sent_at for e in events],
+            [e.uncertain for e in events],
+        )
 
 
 async def facts_for(
@@ -473,7 +489,8 @@ async def resume_due(conn: asyncpg.Connection, now: datetime) -> list[asyncpg.Re
         " next_action_at = CASE WHEN awaiting_delivery_key IS NULL"
         " THEN greatest(coalesce(next_action_at, $1), $1) END, paused_until = NULL,"
         " last_activity_at = $1"
-        " WHERE status = 'paused' AND paused_until <= $1 RETURNING id, tenant_id",
+        " WHERE id IN (SELECT id FROM enrollments WHERE status = 'paused'"
+        " AND paused_until <= $1 FOR UPDATE SKIP LOCKED) RETURNING id, tenant_id",
         now,
     )
 

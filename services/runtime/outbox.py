@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import uuid
 from collections.abc import Iterable
 
 import asyncpg
@@ -30,15 +31,27 @@ async def enqueue(conn: asyncpg.Connection, topic: str, event: Event) -> None:
 
 
 async def enqueue_many(conn: asyncpg.Connection, items: Iterable[tuple[str, Event]]) -> None:
-    rows = [
-        (topic, event.kafka_key(), event.to_bytes(), event.event_id, event.event_type)
-        for topic, event in items
-    ]
-    if rows:
-        await conn.executemany(
+    """Outbox rows for these events, in this order, in one statement."""
+    topics: list[str] = []
+    keys: list[bytes] = []
+    payloads: list[bytes] = []
+    ids: list[uuid.UUID] = []
+    types: list[str] = []
+    for topic, event in items:
+        topics.append(topic)
+        keys.append(event.kafka_key())
+        payloads.append(event.to_bytes())
+        ids.append(event.event_id)
+        types.append(event.event_type)
+    if ids:
+        await conn.execute(
             "INSERT INTO outbox (topic, kafka_key, payload, event_id, event_type)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            rows,
+            " SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::uuid[], $5::text[])",
+            topics,
+            keys,
+            payloads,
+            ids,
+            types,
         )
 
 

@@ -80,6 +80,9 @@ class NurtureSettings(CommonSettings):
     http_port: int = 8082
     #: Due enrollments claimed per scheduler round.
     scheduler_batch: int = Field(default=1000, ge=1)
+    #: Scheduler loops per process: rounds claim disjoint rows (SKIP LOCKED), so one
+    #: loop's transaction runs in PostgreSQL while another's Python prepares its round.
+    scheduler_loops: int = Field(default=2, ge=1, le=16)
     #: Wall seconds between scheduler rounds when nothing was due.
     scheduler_idle_seconds: float = Field(default=0.1, gt=0)
     #: Signs outbound `notify` webhooks (X-Touchstream-Signature).
