@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -33,6 +34,33 @@ from services.runtime.kafka import create_topics
 from services.sender.mime import OutgoingEmail, TrackingConfig, build_message
 
 TEXT = "Hi {{ first_name }},\n\nA short note about {{ company }}.\n\nBest,\nSam"
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each process and its children (PostgreSQL's backends
+    are children of the postmaster), from /proc."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICK
+    totals = dict.fromkeys(pids, 0.0)
+    owner = {pid: name for name, pid in pids.items()}
+    for pid, seconds in used.items():
+        name = owner.get(pid) or owner.get(parents.get(pid, -1))
+        if name is not None:
+            totals[name] += seconds
+    return totals
 
 
 def _rss_peak_mb(pid: int) -> float:
@@ -181,7 +209,9 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
             wait = (opens - datetime.now(UTC)).total_seconds()
             if wait < 0:
                 raise RuntimeError("intake took longer than the launch delay: raise it")
+            pids = {name: record.pid for name, record in stack.processes.items()}
             await asyncio.sleep(wait)
+            cpu_before = _cpu_seconds(pids)
             while time.monotonic() < deadline:
                 sent = await conn.fetchval(
                     "SELECT count(*) FROM sender.deliveries WHERE status = 'sent'"
@@ -189,6 +219,7 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
                 if sent >= leads:
                     break
                 await asyncio.sleep(0.2)
+            cpu_after = _cpu_seconds(pids)
             rows = await conn.fetch(
                 "SELECT due_at, sent_at FROM sender.deliveries WHERE status = 'sent'"
             )
@@ -218,6 +249,10 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
             "p50": statistics.median(latencies),
             "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)],
             "rss": rss,
+            "cpu_ms_per_email": {
+                name: (cpu_after[name] - cpu_before[name]) * 1000 / max(len(rows), 1)
+                for name in pids
+            },
             "stages": {k: v.total_seconds() for k, v in dict(stages).items() if v is not None},
         }
     finally:
@@ -248,6 +283,12 @@ def main() -> None:
     print(f"  ratio           : {r['rate'] / r['ceiling']:.2f} of the ceiling (target >= 0.6)")
     print("  peak RSS        : " + ", ".join(f"{k} {v:.0f} MB" for k, v in r["rss"].items()))
     print("  stage spans     : " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items()))
+    cpu = r["cpu_ms_per_email"]
+    print(
+        f"  CPU per email   : {sum(cpu.values()):.2f} ms in all ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+        + f"; {os.cpu_count()} CPUs)"
+    )
 
 
 if __name__ == "__main__":

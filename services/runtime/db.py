@@ -26,6 +26,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Released connections go back to the pool as they are, without asyncpg's reset
+    query (a round trip on every release: UNLISTEN, RESET ALL, advisory unlocks):
+    services change no session state on pooled connections (SET LOCAL only, advisory
+    locks released where taken, LISTEN on connections of their own). An open
+    transaction is still rolled back by the pool before this is called."""
+
+
 async def create_pool(
     dsn: str, schema: str, *, size: int = 10, connect_timeout: float = 10.0
 ) -> asyncpg.Pool:
@@ -37,6 +45,7 @@ async def create_pool(
             max_size=size,
             timeout=connect_timeout,
             init=_init_connection,
+            reset=_keep_session,
             server_settings={"search_path": schema, "application_name": f"touchstream-{schema}"},
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:

@@ -458,7 +458,8 @@ class SenderService(Service[SenderSettings]):
                 outbox_row=outbox_row,
             )
 
-        await self._in_transaction(write)
+        # One statement, atomic on its own: no BEGIN/COMMIT round trips around it.
+        await self._in_transaction(write, single_statement=True)
         self.wake_relay()
 
     async def _defer(
@@ -516,13 +517,18 @@ class SenderService(Service[SenderSettings]):
         await self._in_transaction(write)
         self.wake_relay()
 
-    async def _in_transaction(self, write: Any) -> None:
-        """The outcome must be recorded: retry through database outages."""
+    async def _in_transaction(self, write: Any, *, single_statement: bool = False) -> None:
+        """The outcome must be recorded: retry through database outages. A writer of
+        one statement runs without an explicit transaction (it is atomic as it is)."""
         backoff = 0.1
         while True:
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    await write(conn)
+                async with self.pool.acquire() as conn:
+                    if single_statement:
+                        await write(conn)
+                    else:
+                        async with conn.transaction():
+                            await write(conn)
                 return
             except Exception as exc:
                 if not is_transient(exc):
