@@ -286,6 +286,20 @@ async def process_inbound(
             email=bounce.recipient,
         )
         if target is None:
+            if bounce.original_message_id:
+                # The message it reports may not be registered yet (a fast DSN): keep it
+                # until it is, as a reply would be kept.
+                await repo.park_reply(
+                    conn,
+                    inbound.reply_key,
+                    [bounce.original_message_id],
+                    bounce.recipient,
+                    inbound.subject,
+                    received_at,
+                    raw.decode("latin-1"),
+                    kind="bounce",
+                )
+                return
             await repo.record_unattributed(
                 conn,
                 source,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,40 +19,58 @@ MESSAGE_COLUMNS = (
 
 
 async def register_messages(conn: asyncpg.Connection, events: Sequence[EmailSent]) -> None:
-    await conn.executemany(
+    """Register sent messages in one statement (a message seen before keeps its row,
+    gains the provider's id, and stays uncertain only while every report says so)."""
+    latest: dict[str, EmailSent] = {}
+    for event in events:
+        seen = latest.get(event.message_id)
+        if seen is not None:
+            # One statement may touch a row once: fold a repeat into the first.
+            event = seen.model_copy(
+                update={
+                    "provider_message_id": seen.provider_message_id or event.provider_message_id,
+                    "uncertain": seen.uncertain and event.uncertain,
+                }
+            )
+        latest[event.message_id] = event
+    rows = list(latest.values())
+    if not rows:
+        return
+    await conn.execute(
         "INSERT INTO messages (message_id, delivery_key, tenant_id, lead_id, enrollment_id,"
         " sequence_id, sequence_key, sequence_version, step_id, step_index, variant, to_email,"
         " from_email, subject, links, sent_at, uncertain, provider_message_id, transport,"
         " dry_run)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)"
+        " SELECT u.mid, u.dk, u.t, u.l, u.en, u.s, u.sk, u.sv, u.st, u.si, u.v, u.te, u.fe,"
+        " u.su, u.li::jsonb, u.sa, u.un, u.pm, u.tr, u.dr"
+        " FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::uuid[],"
+        " $7::text[], $8::int[], $9::uuid[], $10::int[], $11::text[], $12::text[], $13::text[],"
+        " $14::text[], $15::text[], $16::timestamptz[], $17::bool[], $18::text[], $19::text[],"
+        " $20::bool[]) AS u(mid, dk, t, l, en, s, sk, sv, st, si, v, te, fe, su, li, sa, un,"
+        " pm, tr, dr)"
         " ON CONFLICT (message_id) DO UPDATE SET"
         " provider_message_id = coalesce(messages.provider_message_id,"
         "   excluded.provider_message_id), uncertain = messages.uncertain AND excluded.uncertain",
-        [
-            (
-                e.message_id,
-                e.delivery_key,
-                e.tenant_id,
-                e.lead_id,
-                e.enrollment_id,
-                e.sequence_id,
-                e.sequence_key,
-                e.sequence_version,
-                e.step_id,
-                e.step_index,
-                e.variant,
-                e.to_email.lower(),
-                e.from_email,
-                e.subject,
-                e.links,
-                e.sent_at,
-                e.uncertain,
-                e.provider_message_id,
-                e.transport,
-                e.dry_run,
-            )
-            for e in events
-        ],
+        [e.message_id for e in rows],
+        [e.delivery_key for e in rows],
+        [e.tenant_id for e in rows],
+        [e.lead_id for e in rows],
+        [e.enrollment_id for e in rows],
+        [e.sequence_id for e in rows],
+        [e.sequence_key for e in rows],
+        [e.sequence_version for e in rows],
+        [e.step_id for e in rows],
+        [e.step_index for e in rows],
+        [e.variant for e in rows],
+        [e.to_email.lower() for e in rows],
+        [e.from_email for e in rows],
+        [e.subject for e in rows],
+        [json.dumps(e.links) for e in rows],
+        [e.sent_at for e in rows],
+        [e.uncertain for e in rows],
+        [e.provider_message_id for e in rows],
+        [e.transport for e in rows],
+        [e.dry_run for e in rows],
     )
 
 
@@ -122,16 +141,20 @@ async def park_reply(
     subject: str | None,
     received_at: datetime,
     body: str,
+    kind: str = "reply",
 ) -> None:
+    """Keep inbound mail (a reply, or a bounce) that references a message not registered
+    yet, until it is (``take_parked_replies``) or it expires."""
     await conn.execute(
         "INSERT INTO parked_replies (reply_key, referenced, from_email, subject, received_at,"
-        " body) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (reply_key) DO NOTHING",
+        " body, kind) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (reply_key) DO NOTHING",
         reply_key,
         referenced,
         from_email,
         subject,
         received_at,
         body,
+        kind,
     )
 
 
@@ -344,10 +367,10 @@ async def expire_parked_replies(conn: asyncpg.Connection, before: datetime) -> i
     ``unattributed`` (with their text), so they stay visible but stop waiting."""
     status = await conn.execute(
         "WITH gone AS (DELETE FROM parked_replies WHERE received_at < $1"
-        "   RETURNING reply_key, referenced, from_email, subject, received_at, body)"
+        "   RETURNING reply_key, referenced, from_email, subject, received_at, body, kind)"
         " INSERT INTO unattributed (provider, kind, email, received_at, detail)"
-        " SELECT 'inbound', 'reply', from_email, received_at, jsonb_build_object("
-        "   'reason', 'parked reply expired: no message of ours matched it',"
+        " SELECT 'inbound', kind, from_email, received_at, jsonb_build_object("
+        "   'reason', 'parked ' || kind || ' expired: no message of ours matched it',"
         "   'reply_key', reply_key, 'referenced', to_jsonb(referenced), 'subject', subject,"
         "   'body', left(body, 20000))"
         " FROM gone",

@@ -1604,3 +1604,45 @@ async def test_analytics_rates_on_a_known_dataset(tracker: Tracker) -> None:
     csv_rows = (await tracker.http.get("/analytics/sequences/cold_outreach/export.csv")).text
     header, *lines = csv_rows.strip().splitlines()
     assert "machine_clicked" in header.split(",") and len(lines) == 3
+
+
+async def test_a_bounce_ahead_of_its_message_waits_for_it(tracker: Tracker) -> None:
+    """A DSN can beat the EmailSent of the message it reports (a fast bounce, or the
+    tracker catching up after a restart): it is parked, applied when the message is
+    registered, and a bounce of a message never registered expires as a bounce."""
+    early = sent("sofia.rossi@example.com")
+    response = await tracker.http.post(
+        "/webhooks/inbound", content=o365_report(early, final=True), headers=INBOUND
+    )
+    assert response.status_code == 202
+    await tracker.processed(response)
+    parked = await tracker.pool.fetch("SELECT kind, referenced FROM parked_replies")
+    assert [(r["kind"], r["referenced"]) for r in parked] == [("bounce", [early.message_id])]
+    assert await tracker.pool.fetchval("SELECT count(*) FROM engagement_events") == 0
+
+    await tracker.register(early)
+    await wait_for(
+        tracker.pool,
+        "SELECT count(*) FROM engagement_events WHERE message_id = $1 AND type = 'bounced'",
+        early.message_id,
+        expected=1,
+    )
+    assert await tracker.pool.fetchval("SELECT count(*) FROM parked_replies") == 0
+
+    # A bounce about someone we never wrote to (no address to fall back on either).
+    never = sent("nobody@example.com")
+    report = o365_report(never, final=True, report_id="<other-report@example.com>")
+    response = await tracker.http.post(
+        "/webhooks/inbound",
+        content=report.replace(early.to_email.encode(), never.to_email.encode()),
+        headers=INBOUND,
+    )
+    await tracker.processed(response)
+    async with tracker.pool.acquire() as conn:
+        expired = await repo.expire_parked_replies(
+            conn, datetime.now(UTC) + PARKED_REPLY_TTL + timedelta(minutes=1)
+        )
+    assert expired == 1
+    gone = await tracker.pool.fetchrow("SELECT kind, detail FROM unattributed")
+    assert gone["kind"] == "bounce"
+    assert gone["detail"]["referenced"] == [never.message_id]
