@@ -90,8 +90,11 @@ class TrackerService(Service[TrackerSettings]):
                     expired = await repo.expire_parked_replies(
                         conn, self.clock.now() - domain.PARKED_REPLY_TTL
                     )
+                    expired += await repo.expire_parked_events(
+                        conn, self.clock.now() - domain.PARKED_REPLY_TTL
+                    )
                 if expired:
-                    log.info("housekeeping: %d parked replies expired unattributed", expired)
+                    log.info("housekeeping: %d parked items expired unattributed", expired)
             except Exception as exc:
                 log.warning("housekeeping: %r", exc)
             with contextlib.suppress(TimeoutError):

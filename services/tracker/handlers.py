@@ -241,15 +241,23 @@ async def handle_email_outcome(
 ) -> None:
     sent = [e for e in events if isinstance(e, EmailSent)]
     if sent:
-        await _register_sent(conn, sent)
+        await _register_sent(conn, sent, now)
     for failed in events:
         if isinstance(failed, EmailFailed):
             await record_rejection(conn, failed)
 
 
-async def _register_sent(conn: asyncpg.Connection, sent: list[EmailSent]) -> None:
+async def _register_sent(conn: asyncpg.Connection, sent: list[EmailSent], now: datetime) -> None:
     """Register sent messages; replies parked while waiting for them are taken now."""
     await repo.register_messages(conn, sent)
+    waiting = await repo.take_parked_events(
+        conn,
+        [e.delivery_key for e in sent],
+        [e.message_id for e in sent],
+        [e.provider_message_id for e in sent if e.provider_message_id],
+    )
+    if waiting:
+        await apply_provider_events(conn, [webhooks.event_from_json(e) for e in waiting], now)
     for parked in await repo.take_parked_replies(conn, [e.message_id for e in sent]):
         message = await repo.first_message_of(conn, parked["referenced"])
         if message is None:
@@ -430,7 +438,7 @@ def _provider_events(event: WebhookReceived) -> list[webhooks.NormalizedEvent]:
 
 
 async def apply_provider_events(
-    conn: asyncpg.Connection, events: list[webhooks.NormalizedEvent]
+    conn: asyncpg.Connection, events: list[webhooks.NormalizedEvent], now: datetime
 ) -> None:
     """Attribute a batch of provider events in bulk, then record each once."""
     wanted = [e for e in events if e.type in _PROVIDER_TYPES or e.type == "deferred"]
@@ -444,6 +452,7 @@ async def apply_provider_events(
         [e.email for e in wanted if e.email],
     )
     unattributed = []
+    parked: list[tuple[str | None, str | None, str | None, dict[str, Any]]] = []
     for normalized in wanted:
         target = (
             (by_key.get(normalized.delivery_key) if normalized.delivery_key else None)
@@ -456,6 +465,18 @@ async def apply_provider_events(
             or by_email.get(normalized.email.lower())
         )
         if target is None:
+            if normalized.delivery_key or normalized.message_id or normalized.provider_message_id:
+                # It names a message of ours not registered yet (its EmailSent is on
+                # its way): it waits for it.
+                parked.append(
+                    (
+                        normalized.delivery_key,
+                        normalized.message_id,
+                        normalized.provider_message_id,
+                        webhooks.event_to_json(normalized),
+                    )
+                )
+                continue
             unattributed.append(
                 (
                     normalized.provider,
@@ -467,6 +488,7 @@ async def apply_provider_events(
             )
             continue
         await _apply_provider_event(conn, normalized, target)
+    await repo.park_events(conn, parked, now)
     await repo.record_unattributed_many(conn, unattributed)
 
 
@@ -554,5 +576,5 @@ async def handle_webhook(
                 provider_events += _provider_events(event)  # pure: parse errors write nothing
         except (ValueError, KeyError, TypeError, webhooks.WebhookRejected) as exc:
             rejections.append(Rejection(event, f"unreadable {event.provider} webhook: {exc}"))
-    await apply_provider_events(conn, provider_events)
+    await apply_provider_events(conn, provider_events, now)
     return rejections

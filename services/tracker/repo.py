@@ -429,3 +429,57 @@ async def record_unattributed_many(
             " VALUES ($1, $2, $3, $4, $5)",
             rows,
         )
+
+
+async def park_events(
+    conn: asyncpg.Connection,
+    rows: Sequence[tuple[str | None, str | None, str | None, Any]],
+    received_at: datetime,
+) -> None:
+    """Provider events whose message is not registered yet: (delivery key, Message-ID,
+    provider id, the event as JSON-ready data)."""
+    if rows:
+        await conn.execute(
+            "INSERT INTO parked_events (delivery_key, message_id, provider_message_id,"
+            " received_at, event) SELECT u.k, u.m, u.p, $5, u.e::jsonb"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(k, m, p, e)",
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [json.dumps(r[3]) for r in rows],
+            received_at,
+        )
+
+
+async def take_parked_events(
+    conn: asyncpg.Connection,
+    delivery_keys: Sequence[str],
+    message_ids: Sequence[str],
+    provider_ids: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Parked provider events that name any of these messages, removed, oldest first."""
+    rows = await conn.fetch(
+        "DELETE FROM parked_events WHERE delivery_key = ANY($1::text[])"
+        " OR message_id = ANY($2::text[]) OR provider_message_id = ANY($3::text[])"
+        " RETURNING id, event",
+        list(delivery_keys),
+        list(message_ids),
+        list(provider_ids),
+    )
+    return [r["event"] for r in sorted(rows, key=lambda r: r["id"])]
+
+
+async def expire_parked_events(conn: asyncpg.Connection, before: datetime) -> int:
+    """Parked provider events no message claimed before ``before``: into ``unattributed``."""
+    status = await conn.execute(
+        "WITH gone AS (DELETE FROM parked_events WHERE received_at < $1 RETURNING event)"
+        " INSERT INTO unattributed (provider, kind, email, received_at, detail)"
+        " SELECT event->>'provider', event->>'type', event->>'email',"
+        "   (event->>'occurred_at')::timestamptz, jsonb_build_object("
+        "   'reason', 'parked provider event expired: no message of ours matched it',"
+        "   'provider_event_id', event->>'provider_event_id',"
+        "   'delivery_key', event->>'delivery_key', 'message_id', event->>'message_id')"
+        " FROM gone",
+        before,
+    )
+    return int(status.split()[-1])

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -137,6 +138,18 @@ class NormalizedEvent:
             raise ValueError(f"unknown bounce type {self.bounce_type!r}")
         if self.occurred_at.tzinfo is None:
             raise ValueError("occurred_at must be timezone-aware")
+
+
+def event_to_json(event: NormalizedEvent) -> dict[str, Any]:
+    """A normalised event as JSON-ready data (to be kept, e.g. while it waits for its
+    message); ``event_from_json`` gives it back."""
+    data = dataclasses.asdict(event)
+    data["occurred_at"] = event.occurred_at.isoformat()
+    return data
+
+
+def event_from_json(data: dict[str, Any]) -> NormalizedEvent:
+    return NormalizedEvent(**{**data, "occurred_at": datetime.fromisoformat(data["occurred_at"])})
 
 
 # --------------------------------------------------------------------------- helpers

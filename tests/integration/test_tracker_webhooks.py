@@ -1646,3 +1646,51 @@ async def test_a_bounce_ahead_of_its_message_waits_for_it(tracker: Tracker) -> N
     gone = await tracker.pool.fetchrow("SELECT kind, detail FROM unattributed")
     assert gone["kind"] == "bounce"
     assert gone["detail"]["referenced"] == [never.message_id]
+
+
+async def test_a_provider_event_ahead_of_its_message_waits_for_it(tracker: Tracker) -> None:
+    """SendGrid may report a delivery before the tracker has registered the message
+    (its EmailSent still on its way, or the tracker catching up): the event names our
+    delivery key, so it waits and is applied once the message is registered."""
+    early = sent("alex@example.com")
+    docs = load("sendgrid_events.json")
+    delivered = copy.deepcopy(next(d for d in docs if d["event"] == "delivered"))
+    delivered.update(
+        email=early.to_email, delivery_key=early.delivery_key, timestamp=int(time.time())
+    )
+    body = json.dumps([delivered]).encode()
+    response = await tracker.http.post("/webhooks/sendgrid", content=body, headers=sg_headers(body))
+    assert response.status_code == 200, response.text
+    await tracker.processed(response)
+    assert await tracker.pool.fetchval("SELECT count(*) FROM engagement_events") == 0
+    assert await tracker.pool.fetchval("SELECT count(*) FROM unattributed") == 0
+    assert (
+        await tracker.pool.fetchval("SELECT delivery_key FROM parked_events") == early.delivery_key
+    )
+
+    await tracker.register(early)
+    await wait_for(
+        tracker.pool,
+        "SELECT count(*) FROM engagement_events WHERE message_id = $1 AND type = 'delivered'",
+        early.message_id,
+        expected=1,
+    )
+    assert await tracker.pool.fetchval("SELECT count(*) FROM parked_events") == 0
+    # One that no message ever claims expires into the unattributed records.
+    never = sent("nobody@example.com")
+    delivered.update(email=never.to_email, delivery_key=never.delivery_key, sg_event_id="x-1")
+    body = json.dumps([delivered]).encode()
+    response = await tracker.http.post("/webhooks/sendgrid", content=body, headers=sg_headers(body))
+    await tracker.processed(response)
+    async with tracker.pool.acquire() as conn:
+        expired = await repo.expire_parked_events(
+            conn, datetime.now(UTC) + PARKED_REPLY_TTL + timedelta(minutes=1)
+        )
+    assert expired == 1
+    gone = await tracker.pool.fetchrow("SELECT provider, kind, email, detail FROM unattributed")
+    assert (gone["provider"], gone["kind"], gone["email"]) == (
+        "sendgrid",
+        "delivered",
+        never.to_email,
+    )
+    assert gone["detail"]["delivery_key"] == never.delivery_key
