@@ -54,7 +54,7 @@ bench: setup
 	$(BIN)/python -m bench
 
 chaos: setup
-	$(BIN)/pytest -m slow -p no:cacheprovider tests/e2e
+	$(BIN)/pytest -m slow -s -p no:cacheprovider tests/e2e
 
 clean: down
 	rm -rf $(VENV) .touchstream .mypy_cache .ruff_cache

@@ -8,12 +8,15 @@ transaction commits. Transient failures (database or broker unreachable) are
 retried with backoff and never acked; an event that fails on its own while its
 neighbours succeed is poison and goes to the DLQ with the error.
 
-Each partition is a lane: its batches are applied in order, one transaction at a
-time, and its offset is committed after each one; up to ``concurrency`` lanes
-apply side by side, so PostgreSQL works on one partition's batch while Python
-decodes and prepares another's. A lane whose batch cannot be applied rewinds its
-partition to that batch and drops what it had fetched beyond it. When partitions
-are revoked, their lanes finish the batch in hand, commit, and drop the rest.
+Each partition is a lane. A batch of a lane starts once no running batch of the
+lane shares a Kafka key (a lead) with it, so each lead's events apply in order
+while up to ``concurrency`` batches (of this lane or others) run side by side:
+PostgreSQL works on one while Python decodes and prepares another. Offsets are
+committed in order, after the database commit, up to the first batch not applied
+yet. A batch that cannot be applied rewinds its partition to the first batch not
+applied (what was applied after it is skipped by the inbox when it comes again).
+When partitions are revoked, their lanes finish what runs, commit, and drop the
+rest.
 """
 
 from __future__ import annotations
@@ -88,15 +91,51 @@ class _Item:
     reason: str | None = None
 
 
-class _Lane:
-    """One partition's batches, applied in order, one transaction at a time."""
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """Records of one partition applied in one transaction."""
 
-    __slots__ = ("queue", "rewind_to", "task", "tp")
+    records: list[ConsumerRecord[Any, Any]]
+    #: The Kafka keys (leads) it touches; None when a record has no key: such a
+    #: batch is ordered against every other.
+    keys: frozenset[bytes] | None
+    task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, records: list[ConsumerRecord[Any, Any]]) -> _Batch:
+        keys = [r.key for r in records]
+        if any(not isinstance(k, bytes) for k in keys):
+            return cls(records, None)
+        return cls(records, frozenset(keys))
+
+    def conflicts(self, other: _Batch) -> bool:
+        return self.keys is None or other.keys is None or not self.keys.isdisjoint(other.keys)
+
+    def error(self) -> BaseException | None:
+        assert self.task is not None and self.task.done()
+        if self.task.cancelled():
+            return asyncio.CancelledError()
+        return self.task.exception()
+
+
+class _Lane:
+    """One partition's batches. A batch starts once no running batch of the lane shares
+    a key (a lead) with it, so each lead's events apply in order while other leads'
+    batches run side by side; offsets are committed in order, up to the first batch
+    not applied yet."""
+
+    __slots__ = ("queue", "rewind_to", "running", "stopping", "task", "tp", "wake")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
+        #: Fetched, not started.
         self.queue: deque[list[ConsumerRecord[Any, Any]]] = deque()
+        #: Started, in offset order, offsets not committed yet.
+        self.running: list[_Batch] = []
         self.task: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()
+        #: Revoked or closing: finish what runs, start nothing more.
+        self.stopping = False
         #: After a failed batch the partition is rewound to its first record; what
         #: was fetched before the rewind is dropped until that record comes back.
         self.rewind_to: int | None = None
@@ -227,28 +266,72 @@ class EventConsumer:
                 lane.rewind_to = None
             lane.queue.append(group)
             self._pending += len(group)
+            lane.wake.set()
             if lane.task is None or lane.task.done():
                 lane.task = asyncio.create_task(self._run_lane(lane))
 
     async def _run_lane(self, lane: _Lane) -> None:
-        while lane.queue:
-            group = lane.queue[0]
-            try:
-                await self.process(group)
-            except Exception as exc:
-                # Not applied: rewind the partition so the batch is fetched again.
-                self.stats.last_error = repr(exc)
-                log.warning("%s: batch not applied, will retry: %r", self.service, exc)
-                self._drop(lane, keep=0)
-                if self._lanes.get(lane.tp) is lane and self._kafka is not None:
-                    lane.rewind_to = group[0].offset
-                    with contextlib.suppress(Exception):  # revoked meanwhile: nothing to do
-                        self._kafka.seek(lane.tp, group[0].offset)
+        broken = False
+        while True:
+            if not broken and not lane.stopping:
+                self._start_ready(lane)
+            if not lane.running:
+                if lane.stopping or broken:
+                    self._drop(lane)
                 return
-            if lane.queue and lane.queue[0] is group:
-                lane.queue.popleft()
-                self._release(len(group))
-            self._commit(lane.tp, group[-1].offset + 1)
+            pending = [b.task for b in lane.running if b.task is not None and not b.task.done()]
+            if pending:
+                lane.wake.clear()
+                waker = asyncio.ensure_future(lane.wake.wait())
+                try:
+                    await asyncio.wait([*pending, waker], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waker.cancel()
+            self._commit_applied(lane)
+            if any(b.task is not None and b.task.done() and b.error() for b in lane.running):
+                broken = True
+            if not (broken or lane.stopping):
+                continue
+            self._drop(lane)
+            if any(b.task is not None and not b.task.done() for b in lane.running):
+                continue  # let what runs finish (and commit) first
+            if lane.running:
+                # The first batch not applied, and all after it, come again.
+                first = lane.running[0]
+                error = next((b.error() for b in lane.running if b.error()), None)
+                self.stats.last_error = repr(error)
+                log.warning("%s: batch not applied, will retry: %r", self.service, error)
+                for batch in lane.running:
+                    self._release(len(batch.records))
+                lane.running.clear()
+                if not lane.stopping and self._lanes.get(lane.tp) is lane and self._kafka:
+                    lane.rewind_to = first.records[0].offset
+                    with contextlib.suppress(Exception):  # revoked meanwhile: nothing to do
+                        self._kafka.seek(lane.tp, first.records[0].offset)
+            return
+
+    def _start_ready(self, lane: _Lane) -> None:
+        """Start queued batches, in order, while the lane has room and none shares a
+        lead with a batch still running."""
+        while lane.queue and len(lane.running) < self.concurrency:
+            batch = _Batch.of(lane.queue[0])
+            if any(
+                batch.conflicts(r) for r in lane.running if r.task is not None and not r.task.done()
+            ):
+                return
+            lane.queue.popleft()
+            batch.task = asyncio.ensure_future(self.process(batch.records))
+            lane.running.append(batch)
+
+    def _commit_applied(self, lane: _Lane) -> None:
+        """Commit the offsets of the applied batches at the head of the lane."""
+        while lane.running:
+            head = lane.running[0]
+            if head.task is None or not head.task.done() or head.error() is not None:
+                return
+            lane.running.pop(0)
+            self._release(len(head.records))
+            self._commit(lane.tp, head.records[-1].offset + 1)
             try:
                 self._check_dlq_limit()
             except DlqLimitExceeded as exc:
@@ -256,9 +339,9 @@ class EventConsumer:
                 if self.on_fatal is not None:
                     self.on_fatal(exc)
 
-    def _drop(self, lane: _Lane, keep: int) -> None:
-        """Forget a lane's queued batches but the first ``keep``."""
-        while len(lane.queue) > keep:
+    def _drop(self, lane: _Lane) -> None:
+        """Forget a lane's batches not started."""
+        while lane.queue:
             self._release(len(lane.queue.pop()))
 
     def _release(self, count: int) -> None:
@@ -294,16 +377,19 @@ class EventConsumer:
             log.warning("%s: offset commit failed: %r", self.service, exc)
 
     async def release(self, partitions: Sequence[TopicPartition]) -> None:
-        """Partitions are being revoked: finish the batch in hand, commit, drop the rest."""
+        """Partitions are being revoked: finish the batches in hand, commit, drop the rest."""
         self._generation += 1
         running: list[asyncio.Task[None]] = []
         for tp in partitions:
             lane = self._lanes.pop(tp, None)
             if lane is None:
                 continue
-            self._drop(lane, keep=1 if lane.task is not None and not lane.task.done() else 0)
+            lane.stopping = True
+            lane.wake.set()
             if lane.task is not None and not lane.task.done():
                 running.append(lane.task)
+            else:
+                self._drop(lane)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         await self._flush_offsets()
@@ -312,13 +398,14 @@ class EventConsumer:
         """Stop taking batches, finish those in hand, commit their offsets."""
         self.stopping = True
         self._room.set()
+        running: list[asyncio.Task[None]] = []
         for lane in self._lanes.values():
-            self._drop(lane, keep=1 if lane.task is not None and not lane.task.done() else 0)
-        running = [
-            lane.task
-            for lane in self._lanes.values()
-            if lane.task is not None and not lane.task.done()
-        ]
+            lane.stopping = True
+            lane.wake.set()
+            if lane.task is not None and not lane.task.done():
+                running.append(lane.task)
+            else:
+                self._drop(lane)
         if running:
             await asyncio.wait(running, timeout=timeout)
         with contextlib.suppress(Exception):

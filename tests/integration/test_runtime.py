@@ -260,3 +260,96 @@ async def test_a_poison_event_is_isolated_and_its_neighbours_applied(
     assert len(dead) == 1
     assert dict(dead[0].headers)["dlq-reason"].decode().startswith("handler error: KeyError")
     assert uuid.UUID(str(events[1].event_id))
+
+
+class OrderRecorder:
+    """Applies events and records their order: a batch holding an even step of the
+    hot lead is slow, so one holding its next step would overtake it if the consumer
+    let them run side by side. The first ``failures`` batches fail as under a bad
+    deploy (the batch, then each of its events on its own), so the consumer rewinds
+    the partition instead of dead-lettering anything."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.failing: set[uuid.UUID] = set()
+        self.running = 0
+        self.most_running = 0
+
+    async def __call__(self, conn: asyncpg.Connection, events: list[Any]) -> None:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            slow = any(e.lead.email == HOT and e.lead.custom_fields["seq"] % 2 == 0 for e in events)
+            await asyncio.sleep(0.1 if slow else 0.005)
+            ids = {e.event_id for e in events}
+            if len(events) > 1 and self.failures > 0:
+                self.failures -= 1
+                self.failing |= ids
+                raise RuntimeError("this deploy cannot apply anything")
+            if len(events) == 1 and ids <= self.failing:
+                self.failing -= ids
+                raise RuntimeError("this deploy cannot apply anything")
+            await conn.executemany(
+                "INSERT INTO ordered (lead, seq) VALUES ($1, $2)",
+                [(e.lead.email, e.lead.custom_fields["seq"]) for e in events],
+            )
+        finally:
+            self.running -= 1
+
+
+HOT = "hot@example.com"
+
+
+async def test_each_leads_events_apply_in_order_while_other_leads_overlap(
+    pool: asyncpg.Pool, kafka_bootstrap: str
+) -> None:
+    """Batches of one partition run side by side when they share no lead; a lead's
+    events apply in offset order, every event once, also across a failed batch that
+    rewinds the partition."""
+    await pool.execute("CREATE TABLE ordered (id bigserial, lead text, seq int)")
+    await create_topics(kafka_bootstrap, 1)
+    leads = [f"lead{n}@example.com" for n in range(35)]
+    regular = iter(
+        LeadReceived(lead=LeadData(email=lead, custom_fields={"seq": seq}))
+        for seq in range(4)
+        for lead in leads
+    )
+    events: list[LeadReceived] = []
+    for position in range(160):  # batches of 4: the hot lead in every other batch
+        if position % 8 == 0:
+            step = position // 8
+            events.append(LeadReceived(lead=LeadData(email=HOT, custom_fields={"seq": step})))
+        else:
+            events.append(next(regular))
+    recorder = OrderRecorder(failures=3)
+    broker = new_broker(kafka_bootstrap, "test-consumer")
+    consumer = EventConsumer(
+        service="svc",
+        pool=pool,
+        broker=broker,
+        handlers={topics.LEADS: recorder},
+        session_timeout_ms=3000,
+        max_batch=4,
+        concurrency=3,
+    )
+    await broker.start()
+    try:
+        await publish_all(
+            broker,
+            [OutgoingRecord(topics.LEADS, e.lead.email.encode(), e.to_bytes()) for e in events],
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if await pool.fetchval("SELECT count(*) FROM ordered") >= len(events):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # nothing more may arrive
+    finally:
+        await broker.stop()
+    rows = await pool.fetch("SELECT lead, seq FROM ordered ORDER BY id")
+    assert len(rows) == len(events)
+    assert [r["seq"] for r in rows if r["lead"] == HOT] == list(range(20))
+    for lead in leads:
+        assert [r["seq"] for r in rows if r["lead"] == lead] == list(range(4)), lead
+    assert recorder.failures == 0 and consumer.stats.dead_lettered == 0
+    assert recorder.most_running > 1, "batches of other leads never overlapped"
