@@ -29,6 +29,11 @@ ALL: Final[tuple[str, ...]] = (
 
 DLQ_SUFFIX: Final = "-dlq"
 
+#: Topic settings `touchstream topics create` applies (deploy/topics.yaml has the full
+#: production layout). The catalog is compacted: the latest SequenceChanged of every
+#: sequence stays, so a router with an empty database can rebuild it.
+CONFIGS: Final[dict[str, dict[str, str]]] = {SEQUENCES: {"cleanup.policy": "compact"}}
+
 
 def dlq(topic: str) -> str:
     """The dead-letter topic of ``topic``."""

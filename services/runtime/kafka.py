@@ -87,7 +87,15 @@ async def create_topics(
             # Another process may win the race; that is the goal anyway.
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
-                    [NewTopic(name, partitions, replication) for name in missing]
+                    [
+                        NewTopic(
+                            name,
+                            partitions,
+                            replication,
+                            topic_configs=dict(topics.CONFIGS.get(name, {})),
+                        )
+                        for name in missing
+                    ]
                 )
         return missing
     finally:

@@ -362,6 +362,14 @@ def test_topics_match_the_registry() -> None:
     assert consumed == primaries, "every topic has a consumer, every consumed topic exists"
 
 
+def test_topics_create_applies_the_cleanup_policy_of_topics_yaml() -> None:
+    """`touchstream topics create` sets what topics.yaml sets beyond the defaults."""
+    configs = _import("schemas.topics").CONFIGS
+    for name, spec in topics_spec().items():
+        policy = spec["config"]["cleanup.policy"]
+        assert configs.get(name, {}).get("cleanup.policy", "delete") == policy, name
+
+
 def test_topic_definitions_are_sound() -> None:
     for name, spec in topics_spec().items():
         assert isinstance(spec["partitions"], int) and spec["partitions"] >= 1, name
