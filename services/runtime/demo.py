@@ -17,7 +17,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import topics
 from schemas.events import LeadData, LeadReceived
@@ -172,7 +172,41 @@ def run(root: Path) -> int:
         time.sleep(0.3)
     time.sleep(2)  # let the last engagement events land
     _report(mail_dir, already)
-    return 0 if (replied and unsubscribed and ada_done) else 1
+    letters = asyncio.run(_dead_letters(env["KAFKA_BOOTSTRAP_SERVERS"]))
+    broken = [reason for key, reason in letters if key == b"broken"]
+    if broken:
+        print(f"\nthe malformed lead went to the dead-letter topic `leads-dlq`: {broken[-1]}")
+        print("`touchstream dlq replay leads` puts dead letters back after a fix.")
+    else:
+        print("\nthe malformed lead is not in `leads-dlq` (yet): check the router's log")
+    return 0 if (replied and unsubscribed and ada_done and broken) else 1
+
+
+async def _dead_letters(bootstrap: str, timeout: float = 10.0) -> list[tuple[bytes, str]]:
+    """(key, reason) of every record on ``leads-dlq``, read from the beginning."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        dlq = topics.dlq(topics.LEADS)
+        partitions = [TopicPartition(dlq, p) for p in consumer.partitions_for_topic(dlq) or ()]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        letters: list[tuple[bytes, str]] = []
+        deadline = time.monotonic() + timeout
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while time.monotonic() < deadline and await behind():
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    headers = dict(record.headers or ())
+                    reason = headers.get("dlq-reason", b"").decode(errors="replace")
+                    letters.append((record.key or b"", reason))
+        return letters
+    finally:
+        await consumer.stop()
 
 
 def _lead(address: str) -> dict[str, Any] | None:
@@ -199,7 +233,3 @@ def _report(mail_dir: Path, already: int) -> None:
                 f"  {stored['email']:<22} lead status {stored['status']:<10}"
                 f" {e['sequence']:<17} {e['status']}{stop}"
             )
-    print(
-        "\nthe malformed lead went to the dead-letter topic `leads-dlq` with its reason;"
-        " `touchstream dlq replay leads` puts dead letters back after a fix."
-    )
