@@ -58,6 +58,12 @@ class SenderService(Service[SenderSettings]):
         s = self.settings
         if s.tracking_secret is None:
             raise ValueError("TOUCHSTREAM_TRACKING_SECRET must be set: it signs tracking links")
+        if not domain.serves_one_click(s.tracker_public_url):
+            log.warning(
+                "TRACKER_PUBLIC_URL %s is not https: mail clients only offer RFC 8058"
+                " one-click unsubscribe for https URLs (fine on a laptop, not in production)",
+                s.tracker_public_url,
+            )
         self.tracking = TrackingConfig(
             base_url=s.tracker_public_url.rstrip("/"),
             secret=s.tracking_secret.get_secret_value().encode(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -275,3 +276,10 @@ def classify_provider_rejection(*, blames_recipient: bool) -> RejectionClass:
 
 def recipient_domain(address: str) -> str:
     return address.rsplit("@", 1)[-1].lower()
+
+
+def serves_one_click(base_url: str) -> bool:
+    """Whether tracking links on ``base_url`` qualify for RFC 8058 one-click unsubscribe
+    (https), or are local (a laptop or a test, where http is expected)."""
+    parsed = urllib.parse.urlsplit(base_url)
+    return parsed.scheme == "https" or (parsed.hostname or "") in {"localhost", "127.0.0.1", "::1"}

@@ -18,6 +18,7 @@ from services.sender.domain import (
     classify_smtp_rejection,
     enhanced_status,
     retry_at,
+    serves_one_click,
 )
 
 NOW = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
@@ -154,3 +155,18 @@ def test_provider_rejections_are_hard_only_when_they_blame_the_recipient() -> No
     assert classify_provider_rejection(blames_recipient=True).suppresses
     assert classify_provider_rejection(blames_recipient=False).bounce_type is POLICY
     assert not classify_provider_rejection(blames_recipient=False).suppresses
+
+
+@pytest.mark.parametrize(
+    ("url", "qualifies"),
+    [
+        ("https://track.example.com", True),
+        ("https://track.example.com/base/", True),
+        ("http://127.0.0.1:8084", True),
+        ("http://localhost:8084", True),
+        ("http://track.example.com", False),
+        ("ftp://track.example.com", False),
+    ],
+)
+def test_one_click_unsubscribe_needs_an_https_tracker(url: str, qualifies: bool) -> None:
+    assert serves_one_click(url) is qualifies
