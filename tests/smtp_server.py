@@ -95,7 +95,8 @@ class ScriptedSmtp:
 
     def reply(self, recipient: str, *replies: str) -> None:
         """Queue replies for the next DATA commands to ``recipient``, e.g. "421 4.7.0
-        Try again later"; once the queue is empty, messages are accepted."""
+        Try again later", or "DROP" (keep the message, then close the connection before
+        answering); once the queue is empty, messages are accepted."""
         self._script[recipient.lower()].extend(replies)
 
     def stall_next(self, seconds: float, times: int = 1) -> None:
@@ -127,11 +128,15 @@ class ScriptedSmtp:
         delay = self._stalls.popleft() if self._stalls else self.data_delay
         if delay:
             await asyncio.sleep(delay)
+        dropped = False
         for recipient in envelope.rcpt_tos:
             self.attempts[recipient.lower()] += 1
             for key in (recipient.lower(), "*"):
                 if self._script[key]:
-                    return self._script[key].popleft()
+                    reply = self._script[key].popleft()
+                    if reply != "DROP":
+                        return reply
+                    dropped = True
         login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
         self.received.append(
             Received(
@@ -142,6 +147,12 @@ class ScriptedSmtp:
                 time.time(),
             )
         )
+        if dropped:
+            # "DROP": the server keeps the message but the connection dies before its
+            # answer goes out (the client cannot know whether it was taken).
+            assert isinstance(server.transport, asyncio.Transport)
+            server.transport.abort()
+            return "250 2.0.0 OK queued (never heard)"
         return "250 2.0.0 OK queued"
 
 

@@ -30,6 +30,7 @@ from services.sender.mime import (
 )
 from services.sender.transport import (
     HandOffRefused,
+    HandOffUncertain,
     PermanentSendError,
     TransientSendError,
     Transport,
@@ -391,6 +392,17 @@ class SenderService(Service[SenderSettings]):
                 # Cancelled, taken over after our claim expired, or its second of the
                 # global rate is over: nothing was handed over.
                 await self._give_back(key)
+                return
+            except HandOffUncertain as exc:
+                # It may have been accepted: never sent again, here or elsewhere.
+                log.warning("%s: %s", key, exc)
+                await self._record(
+                    handlers.record_uncertain,
+                    key,
+                    f"{transport.name}: {exc}",
+                    self.clock.now(),
+                    owner=self.instance_id,
+                )
                 return
             except PermanentSendError as exc:
                 await self._record(

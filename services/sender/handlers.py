@@ -229,6 +229,16 @@ async def record_failed(
     )
 
 
+async def record_uncertain(
+    conn: asyncpg.Connection, key: str, reason: str, now: datetime, *, owner: str
+) -> None:
+    """The message went out but its answer never came: flagged uncertain (never sent
+    again), and nurture told it was most probably sent."""
+    row = await repo.flag_uncertain(conn, key, reason, now, owner)
+    if row is not None:
+        await enqueue_many(conn, [(topics.EMAIL_SENT, email_sent_event(row, uncertain=True))])
+
+
 async def recover_expired(conn: asyncpg.Connection, now: datetime) -> tuple[int, int]:
     """Release stale claims; flag stale hand-offs uncertain (and tell nurture)."""
     released = await repo.release_expired_claims(conn)

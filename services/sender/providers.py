@@ -71,6 +71,7 @@ from services.sender.transport import (
     Accepted,
     HandOffGate,
     HandOffRefused,
+    HandOffUncertain,
     PermanentSendError,
     TransientSendError,
 )
@@ -231,6 +232,10 @@ class _HttpTransport:
     async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return await self._client.post(path, **kwargs)
+        except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            # The request went out; its answer did not come back: the provider may
+            # have accepted it, and another try (or transport) could send it twice.
+            raise HandOffUncertain(f"{self.provider}: no answer to the request: {exc!r}") from exc
         except httpx.TimeoutException as exc:
             raise ProviderTransientError(
                 f"{self.provider}: timed out: {exc!r}", provider=self.provider

@@ -229,6 +229,22 @@ async def release_expired_claims(conn: asyncpg.Connection) -> int:
     return int(result.split()[-1])
 
 
+async def flag_uncertain(
+    conn: asyncpg.Connection, key: str, reason: str, now: datetime, owner: str
+) -> asyncpg.Record | None:
+    """A hand-off whose answer never came, by the sender holding it: uncertain."""
+    return await conn.fetchrow(
+        "UPDATE deliveries SET status = 'uncertain', lease_until = NULL,"
+        " status_reason = $2, sent_at = coalesce(sent_at, $3), updated_at = clock_timestamp()"
+        " WHERE delivery_key = $1 AND status = 'sending' AND claimed_by = $4"
+        f" RETURNING {DELIVERY_COLUMNS}",
+        key,
+        reason[:1000],
+        now,
+        owner,
+    )
+
+
 async def flag_expired_sending(conn: asyncpg.Connection, now: datetime) -> list[asyncpg.Record]:
     """Handed to SMTP by a sender that died before recording the outcome: flagged
     uncertain, never re-sent."""

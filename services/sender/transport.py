@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from schemas.events import BounceType
 from services.sender.domain import RejectionClass, classify_smtp_rejection
@@ -41,6 +42,13 @@ class PermanentSendError(SendError):
     def suppress(self) -> bool:
         """The address itself is bad: it belongs on the suppression list."""
         return self.rejection.suppresses
+
+
+class HandOffUncertain(SendError):
+    """The message went out in full but the server's answer never came (the
+    connection dropped, or timed out, after the end of the message): it may have been
+    accepted. Sending it again could deliver it twice, so it is not retried anywhere:
+    the delivery is flagged uncertain."""
 
 
 class HandOffRefused(Exception):
@@ -158,8 +166,11 @@ class SmtpTransport:
                         await self._reset()
                         raise HandOffRefused(f"{self.name}: the hand-off was called off")
                 try:
-                    response = await client.data(data)
+                    response = await self._data(client, data)
                     return Accepted(response.code, response.message)
+                except HandOffUncertain:
+                    await self.close()
+                    raise
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     self._client = None
                     if attempt == 2:
@@ -171,6 +182,32 @@ class SmtpTransport:
                     await self.close()
                     raise TransientSendError(f"smtp unavailable: {exc!r}") from exc
         raise TransientSendError("unreachable")  # pragma: no cover
+
+    async def _data(self, client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA, then the message. A connection lost (or a timeout) before the server
+        asked for the message is a plain failure, safe to retry; once the end of the
+        message went out, only the server knows whether it took it: HandOffUncertain."""
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost after DATA")
+        payload = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data))
+        if not payload.endswith(b"\r\n"):
+            payload += b"\r\n"
+        try:
+            # read_response marks the reply as awaited before yielding: nothing
+            # arrives unheard between the write and it.
+            protocol.write(payload + b".\r\n")
+            response = await protocol.read_response(timeout=self.config.timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+            raise HandOffUncertain(
+                f"{self.name}: no answer after the end of the message: {exc}"
+            ) from exc
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     async def _envelope(self, sender: str, recipient: str, size: int) -> aiosmtplib.SMTP:
         """Connect if needed, then MAIL FROM and RCPT TO; the connected client.

@@ -119,20 +119,42 @@ async def test_throttle_defers_then_delivers_once_and_a_hard_refusal_suppresses(
     async with smtp_server() as (server, _):
         server.reply("slow@example.org", "421 4.7.0 Try again later")
         server.reply("gone@example.org", "550 5.1.1 No such user")
+        server.reply("lost@example.org", "DROP")
         d = await deploy(
             clock_speed=1,
             services=("sender",),
             smtp=(server.host, server.port),
             extra_env={"SENDER_RETRY_BASE_SECONDS": "1"},
         )
-        await _publish_all(d, [step_due("slow@example.org"), step_due("gone@example.org")])
+        addresses = ("slow@example.org", "gone@example.org", "lost@example.org")
+        await _publish_all(d, [step_due(address) for address in addresses])
 
         async def done() -> bool:
             counts = await _statuses(d)
-            return counts["sent"] == 1 and counts["failed"] == 1
+            return counts["sent"] == 1 and counts["failed"] == 1 and counts["uncertain"] == 1
 
-        await d.eventually(done, timeout=30, what="one sent after a deferral, one failed")
-        assert [r.rcpt_tos for r in server.received] == [["slow@example.org"]]
+        await d.eventually(
+            done, timeout=30, what="one sent after a deferral, one failed, one uncertain"
+        )
+        # The server kept the dropped message but its answer never came: flagged, never
+        # sent again (nor through another transport).
+        lost = (
+            await d.fetch("SELECT * FROM sender.deliveries WHERE to_email = $1", "lost@example.org")
+        )[0]
+        assert "no answer after the end of the message" in lost["status_reason"]
+        uncertain_events = [
+            json.loads(r["payload"])
+            for r in await d.fetch(
+                "SELECT payload FROM sender.outbox WHERE event_type = 'EmailSent'"
+            )
+            if json.loads(r["payload"])["uncertain"]
+        ]
+        assert [e["to_email"] for e in uncertain_events] == ["lost@example.org"]
+        assert sorted(r.rcpt_tos[0] for r in server.received) == [
+            "lost@example.org",
+            "slow@example.org",
+        ]
+        assert server.attempts["lost@example.org"] == 1
         assert server.attempts["slow@example.org"] == 2
         slow = (
             await d.fetch("SELECT * FROM sender.deliveries WHERE to_email = $1", "slow@example.org")
@@ -156,6 +178,7 @@ async def test_throttle_defers_then_delivers_once_and_a_hard_refusal_suppresses(
         await _publish_all(d, [step_due("gone@example.org")])
         await d.eventually(lambda: _has(d, "suppressed"), what="the suppressed delivery")
         assert server.attempts["gone@example.org"] == 1
+        assert server.attempts["lost@example.org"] == 1
 
 
 async def _has(d: Deployment, status: str) -> bool:

@@ -25,6 +25,7 @@ from services.sender.mime import DkimKey, OutgoingEmail, TrackingConfig, build_m
 from services.sender.transport import (
     Accepted,
     HandOffRefused,
+    HandOffUncertain,
     PermanentSendError,
     SmtpConfig,
     SmtpTransport,
@@ -48,8 +49,12 @@ class CountingSmtp(ScriptedSmtp):
 
     sessions: list[Session] = field(default_factory=list)
     protocols: list[SMTP] = field(default_factory=list)
-    #: How many of the next DATA commands are answered by closing the connection.
+    #: How many of the next messages are kept by the server, which then closes the
+    #: connection before answering (after the end of the message).
     drop_data: int = 0
+    #: How many of the next DATA commands are answered by closing the connection
+    #: before the server asks for the message (no 354).
+    drop_data_command: int = 0
     #: Close the connection right after replying 421 (as RFC 5321 servers do).
     close_after_421: bool = False
 
@@ -68,6 +73,18 @@ class CountingSmtp(ScriptedSmtp):
         if not any(known is session for known in self.sessions):
             self.sessions.append(session)
             self.protocols.append(server)
+            original = server._smtp_methods["DATA"]
+
+            async def data_command(arg: str) -> None:
+                if self.drop_data_command > 0:
+                    self.drop_data_command -= 1
+                    assert isinstance(server.transport, asyncio.Transport)
+                    server.transport.abort()
+                    return
+                await original(arg)
+
+            # aiosmtpd dispatches commands through this table (built when it starts).
+            server._smtp_methods["DATA"] = data_command
         return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -515,7 +532,7 @@ async def test_connection_dropped_during_data_with_server_gone_is_transient() ->
         try:
             await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
             # Every DATA from now on kills the connection (the server is going away).
-            server.drop_data = 10
+            server.drop_data_command = 10
             with pytest.raises(TransientSendError) as caught:
                 await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
         finally:
@@ -567,13 +584,32 @@ async def test_idle_connection_dropped_by_server_is_reopened_transparently(
     assert server.connections == 2
 
 
-async def test_one_drop_during_data_is_retried_on_a_fresh_connection() -> None:
+async def test_a_drop_before_the_server_asks_for_the_message_is_retried_afresh() -> None:
+    """The connection dies at the DATA command (no 354): nothing of the message went
+    out, so it is sent again on a fresh connection, once."""
     async with counting_server() as (server, _), transport_for(server) as transport:
-        server.drop_data = 1
+        server.drop_data_command = 1
         accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
 
     assert accepted.code == 250
     assert [r.data for r in server.received] == [raw_message(1)]
+    assert server.attempts[RECIPIENT] == 1
+    assert server.connections == 2
+
+
+async def test_a_drop_after_the_end_of_the_message_is_uncertain_and_not_resent() -> None:
+    """The server got the whole message, then the connection died before its answer:
+    it may have been accepted, so it is not sent again (HandOffUncertain); the next
+    message goes out on a fresh connection."""
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.drop_data = 1
+        with pytest.raises(HandOffUncertain):
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+        assert server.attempts[RECIPIENT] == 1
+        accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
+
+    assert accepted.code == 250
+    assert [r.data for r in server.received] == [raw_message(2)]
     assert server.attempts[RECIPIENT] == 2
     assert server.connections == 2
 
