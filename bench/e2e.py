@@ -27,6 +27,7 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer
 
+from bench.proc import cpu_seconds
 from schemas import topics
 from schemas.events import LeadData, LeadReceived
 from services.runtime.devstack import SERVICES, Stack, base_env, free_port, wait_for_port
@@ -34,33 +35,6 @@ from services.runtime.kafka import create_topics
 from services.sender.mime import OutgoingEmail, TrackingConfig, build_message
 
 TEXT = "Hi {{ first_name }},\n\nA short note about {{ company }}.\n\nBest,\nSam"
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds used so far by each process and its children (PostgreSQL's backends
-    are children of the postmaster), from /proc."""
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        used[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICK
-    totals = dict.fromkeys(pids, 0.0)
-    owner = {pid: name for name, pid in pids.items()}
-    for pid, seconds in used.items():
-        name = owner.get(pid) or owner.get(parents.get(pid, -1))
-        if name is not None:
-            totals[name] += seconds
-    return totals
 
 
 def _rss_peak_mb(pid: int) -> float:
@@ -211,7 +185,7 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
                 raise RuntimeError("intake took longer than the launch delay: raise it")
             pids = {name: record.pid for name, record in stack.processes.items()}
             await asyncio.sleep(wait)
-            cpu_before = _cpu_seconds(pids)
+            cpu_before = cpu_seconds(pids)
             while time.monotonic() < deadline:
                 sent = await conn.fetchval(
                     "SELECT count(*) FROM sender.deliveries WHERE status = 'sent'"
@@ -219,7 +193,7 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
                 if sent >= leads:
                     break
                 await asyncio.sleep(0.2)
-            cpu_after = _cpu_seconds(pids)
+            cpu_after = cpu_seconds(pids)
             rows = await conn.fetch(
                 "SELECT due_at, sent_at FROM sender.deliveries WHERE status = 'sent'"
             )

@@ -39,6 +39,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from bench.proc import cpu_seconds
 from schemas import topics
 from schemas.events import LeadRouted, LeadSnapshot, decode
 from services.nurture import handlers, repo
@@ -155,23 +156,9 @@ async def _naive(pool: asyncpg.Pool, payloads: list[tuple[bytes, bytes]]) -> flo
     return elapsed
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def _server_cpu(postmaster: int) -> float:
-    """CPU seconds used so far by the PostgreSQL server's processes (Linux /proc)."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(entry) == postmaster or int(fields[1]) == postmaster:
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
+    """CPU seconds used so far by the PostgreSQL server's processes."""
+    return cpu_seconds({"postgres": postmaster})["postgres"]
 
 
 class _Timings:

@@ -91,28 +91,34 @@ class _Item:
     reason: str | None = None
 
 
+def _keys(records: Sequence[ConsumerRecord[Any, Any]]) -> frozenset[bytes] | None:
+    """The Kafka keys (leads) of these records; None when one has no key: such records
+    are ordered against every other."""
+    keys = [r.key for r in records]
+    if any(not isinstance(k, bytes) for k in keys):
+        return None
+    return frozenset(keys)
+
+
 @dataclass(eq=False, slots=True)
 class _Batch:
-    """Records of one partition applied in one transaction."""
+    """Records of one partition applied in one transaction, by ``task``."""
 
     records: list[ConsumerRecord[Any, Any]]
-    #: The Kafka keys (leads) it touches; None when a record has no key: such a
-    #: batch is ordered against every other.
     keys: frozenset[bytes] | None
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None]
 
-    @classmethod
-    def of(cls, records: list[ConsumerRecord[Any, Any]]) -> _Batch:
-        keys = [r.key for r in records]
-        if any(not isinstance(k, bytes) for k in keys):
-            return cls(records, None)
-        return cls(records, frozenset(keys))
+    @property
+    def running(self) -> bool:
+        return not self.task.done()
 
-    def conflicts(self, other: _Batch) -> bool:
-        return self.keys is None or other.keys is None or not self.keys.isdisjoint(other.keys)
+    def conflicts(self, keys: frozenset[bytes] | None) -> bool:
+        return self.keys is None or keys is None or not self.keys.isdisjoint(keys)
 
     def error(self) -> BaseException | None:
-        assert self.task is not None and self.task.done()
+        """Why it was not applied (None: applied, or still running)."""
+        if self.running:
+            return None
         if self.task.cancelled():
             return asyncio.CancelledError()
         return self.task.exception()
@@ -279,7 +285,7 @@ class EventConsumer:
                 if lane.stopping or broken:
                     self._drop(lane)
                 return
-            pending = [b.task for b in lane.running if b.task is not None and not b.task.done()]
+            pending = [b.task for b in lane.running if b.running]
             if pending:
                 lane.wake.clear()
                 waker = asyncio.ensure_future(lane.wake.wait())
@@ -288,46 +294,43 @@ class EventConsumer:
                 finally:
                     waker.cancel()
             self._commit_applied(lane)
-            if any(b.task is not None and b.task.done() and b.error() for b in lane.running):
-                broken = True
+            errors = [e for e in (b.error() for b in lane.running) if e is not None]
+            broken = broken or bool(errors)
             if not (broken or lane.stopping):
                 continue
             self._drop(lane)
-            if any(b.task is not None and not b.task.done() for b in lane.running):
+            if any(b.running for b in lane.running):
                 continue  # let what runs finish (and commit) first
             if lane.running:
                 # The first batch not applied, and all after it, come again.
-                first = lane.running[0]
-                error = next((b.error() for b in lane.running if b.error()), None)
+                first = lane.running[0].records[0].offset
+                error = errors[0] if errors else None
                 self.stats.last_error = repr(error)
                 log.warning("%s: batch not applied, will retry: %r", self.service, error)
                 for batch in lane.running:
                     self._release(len(batch.records))
                 lane.running.clear()
                 if not lane.stopping and self._lanes.get(lane.tp) is lane and self._kafka:
-                    lane.rewind_to = first.records[0].offset
+                    lane.rewind_to = first
                     with contextlib.suppress(Exception):  # revoked meanwhile: nothing to do
-                        self._kafka.seek(lane.tp, first.records[0].offset)
+                        self._kafka.seek(lane.tp, first)
             return
 
     def _start_ready(self, lane: _Lane) -> None:
         """Start queued batches, in order, while the lane has room and none shares a
         lead with a batch still running."""
         while lane.queue and len(lane.running) < self.concurrency:
-            batch = _Batch.of(lane.queue[0])
-            if any(
-                batch.conflicts(r) for r in lane.running if r.task is not None and not r.task.done()
-            ):
+            keys = _keys(lane.queue[0])
+            if any(b.running and b.conflicts(keys) for b in lane.running):
                 return
-            lane.queue.popleft()
-            batch.task = asyncio.ensure_future(self.process(batch.records))
-            lane.running.append(batch)
+            records = lane.queue.popleft()
+            lane.running.append(_Batch(records, keys, asyncio.ensure_future(self.process(records))))
 
     def _commit_applied(self, lane: _Lane) -> None:
         """Commit the offsets of the applied batches at the head of the lane."""
         while lane.running:
             head = lane.running[0]
-            if head.task is None or not head.task.done() or head.error() is not None:
+            if head.running or head.error() is not None:
                 return
             lane.running.pop(0)
             self._release(len(head.records))
@@ -376,20 +379,23 @@ class EventConsumer:
             # Applied in the database: a redelivery is skipped by the inbox.
             log.warning("%s: offset commit failed: %r", self.service, exc)
 
-    async def release(self, partitions: Sequence[TopicPartition]) -> None:
-        """Partitions are being revoked: finish the batches in hand, commit, drop the rest."""
-        self._generation += 1
+    def _stop_lanes(self, lanes: Sequence[_Lane]) -> list[asyncio.Task[None]]:
+        """Let these lanes finish what runs and start nothing more; their tasks."""
         running: list[asyncio.Task[None]] = []
-        for tp in partitions:
-            lane = self._lanes.pop(tp, None)
-            if lane is None:
-                continue
+        for lane in lanes:
             lane.stopping = True
             lane.wake.set()
             if lane.task is not None and not lane.task.done():
                 running.append(lane.task)
             else:
                 self._drop(lane)
+        return running
+
+    async def release(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions are being revoked: finish the batches in hand, commit, drop the rest."""
+        self._generation += 1
+        lanes = [lane for tp in partitions if (lane := self._lanes.pop(tp, None)) is not None]
+        running = self._stop_lanes(lanes)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         await self._flush_offsets()
@@ -398,14 +404,7 @@ class EventConsumer:
         """Stop taking batches, finish those in hand, commit their offsets."""
         self.stopping = True
         self._room.set()
-        running: list[asyncio.Task[None]] = []
-        for lane in self._lanes.values():
-            lane.stopping = True
-            lane.wake.set()
-            if lane.task is not None and not lane.task.done():
-                running.append(lane.task)
-            else:
-                self._drop(lane)
+        running = self._stop_lanes(list(self._lanes.values()))
         if running:
             await asyncio.wait(running, timeout=timeout)
         with contextlib.suppress(Exception):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -92,14 +92,21 @@ async def handle_step_due(
         cancelled = await repo.cancel_pending_for_enrollment(
             conn, event.tenant_id, event.enrollment_id, reason
         )
-        await enqueue_many(
-            conn,
-            [
-                (topics.EMAIL_SENT, email_failed_event(r, FailureKind.CANCELLED, reason))
-                for r in cancelled
-            ],
-        )
+        await _tell_cancelled(conn, cancelled, reason)
     await repo.insert_deliveries(conn, due)
+
+
+async def _tell_cancelled(
+    conn: asyncpg.Connection, cancelled: Sequence[asyncpg.Record], reason: str
+) -> None:
+    """An EmailFailed (cancelled) for each delivery that will not be handed off."""
+    await enqueue_many(
+        conn,
+        [
+            (topics.EMAIL_SENT, email_failed_event(r, FailureKind.CANCELLED, reason))
+            for r in cancelled
+        ],
+    )
 
 
 async def handle_engagement(
@@ -136,13 +143,7 @@ async def handle_engagement(
             cancelled = await repo.cancel_pending_for_lead(
                 conn, event.tenant_id, event.lead_id, reason
             )
-            await enqueue_many(
-                conn,
-                [
-                    (topics.EMAIL_SENT, email_failed_event(r, FailureKind.CANCELLED, reason))
-                    for r in cancelled
-                ],
-            )
+            await _tell_cancelled(conn, cancelled, reason)
 
 
 async def record_sent(
