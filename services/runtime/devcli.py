@@ -9,7 +9,9 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from services.runtime.devstack import (
     DEFAULT_HTTP_PORTS,
@@ -18,15 +20,30 @@ from services.runtime.devstack import (
     StackError,
     base_env,
     free_port,
+    port_bindable,
     port_open,
 )
+
+T = TypeVar("T")
 
 PREFERRED_PORTS = {"postgres": 55432, "kafka": 19092, "smtp": 1025}
 
 
-def _port(name: str) -> int:
+def _start_on_port(name: str, start: Callable[[int], T]) -> T:
+    """Start a part on its preferred port when that is free, else on any free port.
+
+    The port can be taken between the probe and the server's bind (by a listener or a
+    client connection using it as its local end); then the part starts again elsewhere.
+    """
     preferred = PREFERRED_PORTS[name]
-    return preferred if not port_open("127.0.0.1", preferred) else free_port()
+    if port_bindable(preferred):
+        try:
+            return start(preferred)
+        except StackError as exc:
+            if "already in use" not in str(exc).lower():
+                raise
+            print(f"touchstream: {name} port {preferred} was taken; starting on another")
+    return start(free_port())
 
 
 def _http_ports() -> dict[str, int]:
@@ -79,14 +96,18 @@ def up(root: Path, clock_speed: float = 1.0) -> int:
         )
         return 2
     try:
-        database_url = os.environ.get("DATABASE_URL") or stack.start_postgres(_port("postgres"))
-        kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or stack.start_kafka(_port("kafka"))
+        database_url = os.environ.get("DATABASE_URL") or _start_on_port(
+            "postgres", stack.start_postgres
+        )
+        kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or _start_on_port(
+            "kafka", stack.start_kafka
+        )
         if os.environ.get("SMTP_HOST"):
             smtp_host, smtp_port = os.environ["SMTP_HOST"], int(os.environ.get("SMTP_PORT", "25"))
         else:
             # A fresh folder per run: `dev down` keeps the last run's mail to read.
             shutil.rmtree(stack.mail_dir, ignore_errors=True)
-            smtp_host, smtp_port = stack.start_smtp(_port("smtp"))
+            smtp_host, smtp_port = _start_on_port("smtp", stack.start_smtp)
         env = base_env(
             database_url=database_url,
             kafka=kafka,

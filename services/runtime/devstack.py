@@ -38,6 +38,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_bindable(port: int) -> bool:
+    """Whether a server could listen on ``127.0.0.1:port`` now. A connect probe is not
+    enough: a client connection may hold the port as its local end (the preferred ports
+    lie in the ephemeral range), which blocks a listener without accepting anything."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
