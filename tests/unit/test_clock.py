@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from unittest.mock import patch
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from services.runtime import clock as clock_module
@@ -69,12 +69,16 @@ def test_fast_clock_origin_in_the_past_is_ahead_of_wall_time(wall: FakeWall) -> 
     speed=st.floats(min_value=0.01, max_value=10_000),
     elapsed=st.floats(min_value=0, max_value=86_400),
 )
+@example(speed=8391.0, elapsed=1.192092896e-07)  # below the wall clock's float resolution
 @settings(max_examples=200)
 def test_fast_clock_elapsed_product_time_is_speed_times_wall(speed: float, elapsed: float) -> None:
     fake = FakeWall(ORIGIN.timestamp() + elapsed)
+    # A wall timestamp is a float near 1.8e9 s: the elapsed time it can express is
+    # a multiple of about 2.4e-7 s, which the speed multiplies like any other.
+    wall_elapsed = fake.now - ORIGIN.timestamp()
     with patch.object(clock_module.time, "time", fake):
         product = FastClock(speed, ORIGIN).now() - ORIGIN
-    assert product.total_seconds() == pytest.approx(elapsed * speed, rel=1e-6, abs=1e-3)
+    assert product.total_seconds() == pytest.approx(wall_elapsed * speed, rel=1e-6, abs=1e-5)
 
 
 def test_fast_clock_time_is_aware_utc(wall: FakeWall) -> None:
