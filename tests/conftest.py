@@ -24,8 +24,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import settings
 
 from services.runtime.devstack import Stack
+
+# Property tests draw the same examples on every run, so a CI result can be
+# reproduced; HYPOTHESIS_PROFILE=explore draws fresh ones to look for new failures.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @dataclass
