@@ -50,6 +50,26 @@ class Job:
     rate_deadline: float | None = None
 
 
+@dataclass
+class Lane:
+    """One connection's run of jobs, sent one after the other.
+
+    A hand-off's ``sent`` record is written while the lane goes on with the next
+    envelope (MAIL FROM, RCPT TO); the next hand-off's gate waits for it before it
+    marks ``sending``. So a lane never has more than one delivery handed off but not
+    recorded, and a crash leaves at most one uncertain delivery per lane, as when
+    each record was awaited before the next envelope."""
+
+    transports: TransportPool
+    recording: asyncio.Task[None] | None = None
+
+    async def recorded(self) -> None:
+        """Wait for the previous hand-off's record; its failure is raised here."""
+        task, self.recording = self.recording, None
+        if task is not None:
+            await task
+
+
 class SenderService(Service[SenderSettings]):
     name = "sender"
     migrations_dir = Path(__file__).parent / "migrations"
@@ -299,12 +319,16 @@ class SenderService(Service[SenderSettings]):
         return by_id.get(holder, by_id[chosen])
 
     async def _run_lane(self, pool: TransportPool, jobs: list[Job], stop: asyncio.Event) -> None:
-        for job in jobs:
-            if stop.is_set():
-                return  # the claims expire and another sender takes them
-            await self._deliver(pool, job)
+        lane = Lane(pool)
+        try:
+            for job in jobs:
+                if stop.is_set():
+                    return  # the claims expire and another sender takes them
+                await self._deliver(lane, job)
+        finally:
+            await lane.recorded()
 
-    async def _deliver(self, pool: TransportPool, job: Job) -> None:
+    async def _deliver(self, lane: Lane, job: Job) -> None:
         row, mailbox = job.row, job.mailbox
         key = row["delivery_key"]
         now = self.clock.now()
@@ -351,10 +375,12 @@ class SenderService(Service[SenderSettings]):
         if job.rate_deadline is not None and asyncio.get_running_loop().time() >= job.rate_deadline:
             await self._give_back(key)  # its second of the global rate is over
             return
-        transports = await pool.for_mailbox(mailbox)
-        await self._hand_off(job, built, transports)
+        transports = await lane.transports.for_mailbox(mailbox)
+        await self._hand_off(lane, job, built, transports)
 
-    async def _hand_off(self, job: Job, built: BuiltMessage, transports: list[Transport]) -> None:
+    async def _hand_off(
+        self, lane: Lane, job: Job, built: BuiltMessage, transports: list[Transport]
+    ) -> None:
         """Try each transport in order; a transient failure fails over to the next.
 
         The delivery is marked ``sending`` (the point of no return: a crash from here
@@ -371,6 +397,7 @@ class SenderService(Service[SenderSettings]):
         async def gate() -> bool:
             nonlocal marked
             if not marked:
+                await lane.recorded()
                 marked = await repo.mark_sending(
                     self.pool,
                     key,
@@ -420,7 +447,10 @@ class SenderService(Service[SenderSettings]):
                 log.info("%s: %s failed transiently: %s", key, transport.name, exc)
                 failures.append((transport, exc))
                 continue
-            await self._record_sent(row, built, transport.name, accepted)
+            # Recorded while the lane prepares the next envelope (see Lane).
+            lane.recording = asyncio.create_task(
+                self._record_sent(row, built, transport.name, accepted)
+            )
             return
         reason = "; ".join(f"{t.name}: {e}" for t, e in failures) or "no transport"
         retry_after = max(
