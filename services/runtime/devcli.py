@@ -19,7 +19,6 @@ from services.runtime.devstack import (
     Stack,
     StackError,
     base_env,
-    free_port,
     port_bindable,
     port_open,
 )
@@ -29,7 +28,7 @@ T = TypeVar("T")
 PREFERRED_PORTS = {"postgres": 55432, "kafka": 19092, "smtp": 1025}
 
 
-def _start_on_port(name: str, start: Callable[[int], T]) -> T:
+def _start_on_port(name: str, start: Callable[[int | None], T]) -> T:
     """Start a part on its preferred port when that is free, else on any free port.
 
     The port can be taken between the probe and the server's bind (by a listener or a
@@ -43,7 +42,7 @@ def _start_on_port(name: str, start: Callable[[int], T]) -> T:
             if "already in use" not in str(exc).lower():
                 raise
             print(f"touchstream: {name} port {preferred} was taken; starting on another")
-    return start(free_port())
+    return start(None)  # a free port
 
 
 def _http_ports() -> dict[str, int]:

