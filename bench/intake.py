@@ -243,6 +243,7 @@ async def _floor(kafka: str, pool: asyncpg.Pool, leads: int, batch: int, consume
         await broker.start()
         await asyncio.wait_for(done.wait(), 600)
     finally:
+        await consumer.close()  # as the services do: commit, then leave the group
         await broker.stop()
     # From the end of the first batch: the group join is not the consumer's cost.
     (first_at, first_count), (last_at, last_count) = marks[0], marks[-1]
@@ -314,6 +315,7 @@ async def _production(
             if profiler is not None:
                 profiler.disable()
     finally:
+        await consumer.close()  # as the services do: commit, then leave the group
         await broker.stop()
         await watcher.close()
     first = commits[0]
