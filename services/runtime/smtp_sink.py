@@ -84,6 +84,7 @@ class SmtpSession(asyncio.Protocol):
         self.in_data = False
         self.data_too_big = False
         self.scanned = 0  # how far the buffer holds no end of DATA
+        self.overlong = False  # inside a command line too long to keep
 
     # ----------------------------------------------------------------- transport
 
@@ -148,12 +149,14 @@ class SmtpSession(asyncio.Protocol):
         at = self.buffer.find(b"\r\n")
         if at < 0:
             if len(self.buffer) > COMMAND_LINE_LIMIT:
+                # Drop it as it comes; one reply when the line ends.
+                self.overlong = True
                 self.buffer.clear()
-                self._reply("500 5.5.2 Error: line too long")
             return False
         line = bytes(self.buffer[:at]).decode("utf-8", errors="replace")
         del self.buffer[: at + 2]
-        if at > COMMAND_LINE_LIMIT:
+        if self.overlong or at > COMMAND_LINE_LIMIT:
+            self.overlong = False
             self._reply("500 5.5.2 Error: line too long")
             return True
         verb, _, arg = line.partition(" ")

@@ -142,3 +142,17 @@ async def test_an_overlong_command_line_is_refused_and_the_session_goes_on(
     port, _ = sink
     replies = await converse(port, b"NOOP " + b"x" * 5000 + b"\r\nNOOP\r\n", 2)
     assert [r[:3] for r in replies] == [b"500", b"250"]
+
+
+async def test_an_overlong_line_arriving_in_pieces_gets_one_reply(sink: tuple[int, Path]) -> None:
+    port, _ = sink
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    writer.write(b"NOOP " + b"x" * 6000)
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the first piece is read on its own
+    writer.write(b"y" * 3000 + b"\r\nNOOP\r\nQUIT\r\n")
+    await writer.drain()
+    replies = [await asyncio.wait_for(reader.readline(), 5) for _ in range(3)]
+    writer.close()
+    assert [r[:3] for r in replies] == [b"500", b"250", b"221"]
