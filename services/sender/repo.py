@@ -282,32 +282,30 @@ async def add_suppression(
 CANCELLABLE = "('queued', 'deferred', 'claimed')"
 
 
-async def cancel_pending_for_lead(
-    conn: asyncpg.Connection, tenant_id: str, lead_id: Any, reason: str
+async def _cancel_pending(
+    conn: asyncpg.Connection, tenant_id: str, column: str, value: Any, reason: str
 ) -> list[asyncpg.Record]:
     return await conn.fetch(
         "UPDATE deliveries SET status = 'cancelled', status_reason = $3, claimed_by = NULL,"
         " lease_until = NULL, updated_at = clock_timestamp()"
-        f" WHERE tenant_id = $1 AND lead_id = $2 AND status IN {CANCELLABLE}"
+        f" WHERE tenant_id = $1 AND {column} = $2 AND status IN {CANCELLABLE}"
         f" RETURNING {DELIVERY_COLUMNS}",
         tenant_id,
-        lead_id,
+        value,
         reason,
     )
+
+
+async def cancel_pending_for_lead(
+    conn: asyncpg.Connection, tenant_id: str, lead_id: Any, reason: str
+) -> list[asyncpg.Record]:
+    return await _cancel_pending(conn, tenant_id, "lead_id", lead_id, reason)
 
 
 async def cancel_pending_for_enrollment(
     conn: asyncpg.Connection, tenant_id: str, enrollment_id: Any, reason: str
 ) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        "UPDATE deliveries SET status = 'cancelled', status_reason = $3, claimed_by = NULL,"
-        " lease_until = NULL, updated_at = clock_timestamp()"
-        f" WHERE tenant_id = $1 AND enrollment_id = $2 AND status IN {CANCELLABLE}"
-        f" RETURNING {DELIVERY_COLUMNS}",
-        tenant_id,
-        enrollment_id,
-        reason,
-    )
+    return await _cancel_pending(conn, tenant_id, "enrollment_id", enrollment_id, reason)
 
 
 async def list_deliveries(

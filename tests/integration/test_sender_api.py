@@ -264,26 +264,11 @@ async def test_a_lead_keeps_its_mailbox_for_the_whole_sequence(
 
 
 async def test_soft_bounces_are_retried_a_bounded_number_of_times(
-    database_url: str, kafka_bootstrap: str, smtp: ScriptedSmtp
+    start_sender: StartSender, kafka_bootstrap: str, smtp: ScriptedSmtp
 ) -> None:
     from schemas.events import BounceType, EngagementReceived, EngagementType
 
-    await create_topics(kafka_bootstrap, 2)
-    service = SenderService(
-        SenderSettings(
-            database_url=database_url,
-            kafka_bootstrap_servers=kafka_bootstrap,
-            kafka_session_timeout_ms=3000,
-            http_port=free_port(),
-            http_host="127.0.0.1",
-            tracking_secret="test-secret",
-            smtp_host=smtp.host,
-            smtp_port=smtp.port,
-            soft_bounce_retries=2,
-            soft_bounce_retry_seconds=0.2,
-        )
-    )
-    await service.start()
+    service = await start_sender(soft_bounce_retries=2, soft_bounce_retry_seconds=0.2)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     try:
@@ -335,7 +320,6 @@ async def test_soft_bounces_are_retried_a_bounded_number_of_times(
         assert await service.pool.fetchval("SELECT count(*) FROM suppressions") == 0
     finally:
         await producer.stop()
-        await service.stop()
 
 
 # ------------------------------------------------------------------ deferrals
