@@ -20,6 +20,7 @@ from services.runtime.service import BackgroundLoop, Service
 from services.runtime.settings import SenderSettings
 from services.sender import api, domain, handlers, repo
 from services.sender.domain import Caps, RejectionClass
+from services.sender.ledger import HandOffLedger, Mark, SentRecord
 from services.sender.mailboxes import Mailbox, TransportPool, mailbox_from_row
 from services.sender.mime import (
     BuiltMessage,
@@ -54,20 +55,20 @@ class Job:
 class Lane:
     """One connection's run of jobs, sent one after the other.
 
-    A hand-off's ``sent`` record is written while the lane goes on with the next
-    envelope (MAIL FROM, RCPT TO); the next hand-off's gate waits for it before it
-    marks ``sending``. So a lane never has more than one delivery handed off but not
-    recorded, and a crash leaves at most one uncertain delivery per lane, as when
-    each record was awaited before the next envelope."""
+    A hand-off's ``sent`` record goes to the ledger while the lane goes on with the
+    next envelope (MAIL FROM, RCPT TO); the ledger commits the next hand-off's
+    ``sending`` mark together with that record or after it. So a lane never has more
+    than one delivery handed off but not recorded, and a crash leaves at most one
+    uncertain delivery per lane."""
 
     transports: TransportPool
-    recording: asyncio.Task[None] | None = None
+    recording: asyncio.Future[None] | None = None
 
     async def recorded(self) -> None:
         """Wait for the previous hand-off's record; its failure is raised here."""
-        task, self.recording = self.recording, None
-        if task is not None:
-            await task
+        future, self.recording = self.recording, None
+        if future is not None:
+            await asyncio.shield(future)
 
 
 class SenderService(Service[SenderSettings]):
@@ -93,6 +94,7 @@ class SenderService(Service[SenderSettings]):
         )
         # One pool of live transports per lane: a lane sends one message at a time.
         self.lanes = [TransportPool() for _ in range(s.concurrency)]
+        self._ledger: HandOffLedger | None = None
         self._ready = asyncio.Event()
 
     def default_mailbox(self, tenant_id: str) -> Mailbox:
@@ -123,6 +125,13 @@ class SenderService(Service[SenderSettings]):
 
     def produced_topics(self) -> list[str]:
         return [topics.EMAIL_SENT]
+
+    @property
+    def ledger(self) -> HandOffLedger:
+        """The lanes' group commit of ``sending`` marks and ``sent`` records."""
+        if self._ledger is None:
+            self._ledger = HandOffLedger(self.pool, on_recorded=self.wake_relay)
+        return self._ledger
 
     def after_commit(self) -> None:
         self._ready.set()
@@ -397,9 +406,7 @@ class SenderService(Service[SenderSettings]):
         async def gate() -> bool:
             nonlocal marked
             if not marked:
-                await lane.recorded()
-                marked = await repo.mark_sending(
-                    self.pool,
+                mark = Mark(
                     key,
                     self.instance_id,
                     lease,
@@ -409,6 +416,7 @@ class SenderService(Service[SenderSettings]):
                     attempt,
                     job.rate_second,
                 )
+                marked = await self.ledger.mark_sending(mark, after=lane.recording)
             return marked
 
         failures: list[tuple[Transport, TransientSendError]] = []
@@ -448,9 +456,7 @@ class SenderService(Service[SenderSettings]):
                 failures.append((transport, exc))
                 continue
             # Recorded while the lane prepares the next envelope (see Lane).
-            lane.recording = asyncio.create_task(
-                self._record_sent(row, built, transport.name, accepted)
-            )
+            lane.recording = self._record_sent(row, built, transport.name, accepted)
             return
         reason = "; ".join(f"{t.name}: {e}" for t, e in failures) or "no transport"
         retry_after = max(
@@ -465,10 +471,10 @@ class SenderService(Service[SenderSettings]):
         if await repo.release_claim(self.pool, key, self.instance_id):
             self._ready.set()
 
-    async def _record_sent(
+    def _record_sent(
         self, row: asyncpg.Record, built: BuiltMessage, transport: str, accepted: Any
-    ) -> None:
-        """Record the hand-off and its EmailSent in one statement."""
+    ) -> asyncio.Future[None]:
+        """Record the hand-off and its EmailSent (atomically, through the ledger)."""
         sent_at = self.clock.now()
         event = handlers.email_sent_event(
             {
@@ -482,17 +488,8 @@ class SenderService(Service[SenderSettings]):
                 "dry_run": False,
             }
         )
-        outbox_row = (
-            topics.EMAIL_SENT,
-            event.kafka_key(),
-            event.to_bytes(),
-            event.event_id,
-            event.event_type,
-        )
-
-        async def write(conn: asyncpg.Connection) -> None:
-            await repo.record_sent_with_event(
-                conn,
+        return self.ledger.record_sent(
+            SentRecord(
                 row["delivery_key"],
                 smtp_code=accepted.code,
                 smtp_response=accepted.response[:500],
@@ -503,12 +500,15 @@ class SenderService(Service[SenderSettings]):
                 message_id=built.message_id,
                 from_email=built.from_email,
                 from_name=built.from_name,
-                outbox_row=outbox_row,
+                outbox_row=(
+                    topics.EMAIL_SENT,
+                    event.kafka_key(),
+                    event.to_bytes(),
+                    event.event_id,
+                    event.event_type,
+                ),
             )
-
-        # One statement, atomic on its own: no BEGIN/COMMIT round trips around it.
-        await self._in_transaction(write, single_statement=True)
-        self.wake_relay()
+        )
 
     async def _defer(
         self,
@@ -565,18 +565,13 @@ class SenderService(Service[SenderSettings]):
         await self._in_transaction(write)
         self.wake_relay()
 
-    async def _in_transaction(self, write: Any, *, single_statement: bool = False) -> None:
-        """The outcome must be recorded: retry through database outages. A writer of
-        one statement runs without an explicit transaction (it is atomic as it is)."""
+    async def _in_transaction(self, write: Any) -> None:
+        """The outcome must be recorded: retry through database outages."""
         backoff = 0.1
         while True:
             try:
-                async with self.pool.acquire() as conn:
-                    if single_statement:
-                        await write(conn)
-                    else:
-                        async with conn.transaction():
-                            await write(conn)
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await write(conn)
                 return
             except Exception as exc:
                 if not is_transient(exc):

@@ -98,40 +98,6 @@ async def suppressed_addresses(
     return {(r["tenant_id"], r["email"]) for r in rows}
 
 
-async def mark_sending(
-    pool: asyncpg.Pool,
-    key: str,
-    owner: str,
-    lease_seconds: float,
-    message_id: str,
-    from_email: str,
-    from_name: str | None,
-    attempt: int,
-    rate_second: datetime | None = None,
-) -> bool:
-    """Point of no return: from here a crash leaves the delivery uncertain. Only while
-    the claim is still ours, and, under a global rate, only within the wall-clock
-    second the hand-off was granted in (``rate_second``)."""
-    status = await pool.fetchval(
-        "UPDATE deliveries SET status = 'sending', message_id = $4, from_email = $5,"
-        " from_name = $6, attempts = $7, handed_off_at = t.now,"
-        " lease_until = t.now + make_interval(secs => $3), updated_at = t.now"
-        " FROM (SELECT clock_timestamp() AS now) AS t"
-        " WHERE delivery_key = $1 AND claimed_by = $2 AND status = 'claimed'"
-        "   AND ($8::timestamptz IS NULL OR date_trunc('second', t.now) = $8)"
-        " RETURNING status",
-        key,
-        owner,
-        lease_seconds,
-        message_id,
-        from_email,
-        from_name,
-        attempt,
-        rate_second,
-    )
-    return status is not None
-
-
 async def release_claim(pool: asyncpg.Pool, key: str, owner: str) -> bool:
     """Give a claimed delivery that was not handed off back to the queue (no attempt
     counted); False when it is no longer ours."""
@@ -625,44 +591,3 @@ async def retry_soft_bounce(
         until,
         limit,
     )
-
-
-async def record_sent_with_event(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    key: str,
-    *,
-    smtp_code: int,
-    smtp_response: str,
-    sent_at: datetime,
-    links: list[str],
-    transport: str | None,
-    provider_message_id: str | None,
-    message_id: str,
-    from_email: str,
-    from_name: str | None,
-    outbox_row: tuple[str, bytes, bytes, Any, str],
-) -> bool:
-    """The hand-off's outcome and its EmailSent in one statement (one round trip,
-    atomic): the hot path of every delivery. It carries everything the `sending` mark
-    wrote, so the outcome stands on its own."""
-    written = await conn.fetchval(
-        "WITH d AS (UPDATE deliveries SET status = 'sent', status_reason = NULL,"
-        " smtp_code = $2, smtp_response = $3, sent_at = $4, links = $5::jsonb,"
-        " transport = $6, provider_message_id = $7, message_id = $8, from_email = $9,"
-        " from_name = $10, lease_until = NULL,"
-        " updated_at = clock_timestamp() WHERE delivery_key = $1 RETURNING 1)"
-        " INSERT INTO outbox (topic, kafka_key, payload, event_id, event_type)"
-        " SELECT $11, $12, $13, $14, $15 FROM d RETURNING true",
-        key,
-        smtp_code,
-        smtp_response,
-        sent_at,
-        links,
-        transport,
-        provider_message_id,
-        message_id,
-        from_email,
-        from_name,
-        *outbox_row,
-    )
-    return bool(written)

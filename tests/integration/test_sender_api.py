@@ -499,6 +499,7 @@ async def test_a_claimed_delivery_cancelled_before_its_hand_off_is_not_sent(
     stop in between wins: the claim can no longer be marked sending."""
     from schemas.events import EnrollmentStopped
     from services.sender import handlers, repo
+    from services.sender.ledger import Mark
 
     # Due tomorrow: the service's own dispatcher leaves it alone; this test claims it.
     due = step_due("lee@example.org").model_copy(
@@ -512,8 +513,9 @@ async def test_a_claimed_delivery_cancelled_before_its_hand_off_is_not_sent(
     assert [r["delivery_key"] for r in claimed] == [due.delivery_key]
     async with pool.acquire() as conn, conn.transaction():
         await handlers.handle_step_due(conn, [stop])
-    marked = await repo.mark_sending(
-        pool, due.delivery_key, "me", 30.0, "<m@example.org>", "a@example.org", None, 1
+    marked = await sender.ledger.mark_sending(
+        Mark(due.delivery_key, "me", 30.0, "<m@example.org>", "a@example.org", None, 1),
+        after=None,
     )
     assert marked is False
     assert not await repo.release_claim(pool, due.delivery_key, "me")
