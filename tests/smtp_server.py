@@ -89,6 +89,9 @@ class ScriptedSmtp:
     rcpt_attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     #: Seconds the server takes over each message before answering DATA.
     data_delay: float = 0.0
+    #: Offer PIPELINING (RFC 2920) in the EHLO reply; aiosmtpd reads commands in
+    #: order as they arrive, so it serves pipelined commands either way.
+    pipelining: bool = False
     _stalls: deque[float] = field(default_factory=deque)
     _script: dict[str, deque[str]] = field(default_factory=lambda: defaultdict(deque))
     _rcpt_script: dict[str, deque[str]] = field(default_factory=lambda: defaultdict(deque))
@@ -108,6 +111,19 @@ class ScriptedSmtp:
         anyone), e.g. "550 5.1.1 No such user"; once the queue is empty, the
         recipient is accepted."""
         self._rcpt_script[recipient.lower()].extend(replies)
+
+    async def handle_EHLO(  # aiosmtpd hook
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            return [responses[0], "250-PIPELINING", *responses[1:]]
+        return responses
 
     async def handle_RCPT(  # aiosmtpd hook
         self,
@@ -179,9 +195,10 @@ async def smtp_server(
     starttls: bool = False,
     implicit_tls: bool = False,
     cert_dir: Path | None = None,
+    pipelining: bool = False,
 ) -> AsyncIterator[tuple[ScriptedSmtp, Path | None]]:
     """Run a scripted SMTP server on the running loop; yields (server, CA file)."""
-    handler = ScriptedSmtp(port=free_port())
+    handler = ScriptedSmtp(port=free_port(), pipelining=pipelining)
     context: ssl.SSLContext | None = None
     ca_file: Path | None = None
     if starttls or implicit_tls:

@@ -73,7 +73,8 @@ class _Envelope:
 
 class SmtpSession(asyncio.Protocol):
     """One client connection. Commands are answered in order as their lines arrive,
-    so a pipelining client gets its replies in the order it sent the commands."""
+    so a pipelining client gets its replies in the order it sent the commands; the
+    replies to what arrived together go out together (RFC 2920 3.2)."""
 
     def __init__(self, mailbox: Mailbox) -> None:
         self.mailbox = mailbox
@@ -85,6 +86,7 @@ class SmtpSession(asyncio.Protocol):
         self.data_too_big = False
         self.scanned = 0  # how far the buffer holds no end of DATA
         self.overlong = False  # inside a command line too long to keep
+        self.replies: list[bytes] = []  # written when what arrived is taken
 
     # ----------------------------------------------------------------- transport
 
@@ -92,6 +94,7 @@ class SmtpSession(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._reply(f"220 {HOSTNAME} ESMTP touchstream sink")
+        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -99,16 +102,23 @@ class SmtpSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while self.transport is not None and self.buffer:
-            if self.in_data:
-                if not self._take_message():
+        try:
+            while self.transport is not None and self.buffer:
+                if self.in_data:
+                    if not self._take_message():
+                        return
+                elif not self._take_command():
                     return
-            elif not self._take_command():
-                return
+        finally:
+            self._flush()
 
     def _reply(self, text: str) -> None:
-        if self.transport is not None:
-            self.transport.write(text.encode() + b"\r\n")
+        self.replies.append(text.encode() + b"\r\n")
+
+    def _flush(self) -> None:
+        replies, self.replies = self.replies, []
+        if replies and self.transport is not None:
+            self.transport.write(b"".join(replies))
 
     # ---------------------------------------------------------------------- DATA
 
@@ -242,6 +252,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _smtp_QUIT(self, arg: str) -> None:
         self._reply("221 2.0.0 Bye")
+        self._flush()
         if self.transport is not None:
             self.transport.close()
             self.transport = None

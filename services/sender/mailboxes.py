@@ -52,6 +52,8 @@ class SmtpTransportConfig(_Model):
     validate_certs: bool = True
     ca_file: str | None = None
     timeout: float = Field(default=30.0, gt=0, le=300)
+    #: Pipeline MAIL FROM, RCPT TO and DATA (RFC 2920) when the server offers it.
+    pipelining: bool = True
 
     @model_validator(mode="after")
     def _tls(self) -> SmtpTransportConfig:
@@ -202,6 +204,7 @@ def build_transport(config: dict[str, Any], index: int) -> Transport:
                 timeout=spec.timeout,
                 validate_certs=spec.validate_certs,
                 ca_file=spec.ca_file,
+                pipelining=spec.pipelining,
             ),
             name=name,
         )

@@ -1,4 +1,5 @@
-"""Handing messages to an SMTP server (aiosmtplib), one reused connection."""
+"""Handing messages to an SMTP server (aiosmtplib), one reused connection; with a
+server that offers PIPELINING, the envelope and DATA go out in one round trip."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from schemas.events import BounceType
 from services.sender.domain import RejectionClass, classify_smtp_rejection
 from services.sender.mime import BuiltMessage
+from services.sender.pipelining import PipelinedSession
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class SmtpConfig:
     validate_certs: bool = True
     #: A CA bundle to verify the server's certificate with (a private CA, tests).
     ca_file: str | None = None
+    #: Pipeline the envelope and DATA (RFC 2920) when the server offers PIPELINING.
+    pipelining: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +118,18 @@ def _classify(code: int | None, text: str, message: str) -> SendError:
 
 
 class SmtpTransport:
-    """A persistent SMTP connection, reopened when the server drops it."""
+    """A persistent SMTP connection, reopened when the server drops it.
+
+    With a server that offers PIPELINING (and ``pipelining`` on) the session is
+    handed to :class:`PipelinedSession` once aiosmtplib has opened it: MAIL FROM,
+    RCPT TO and DATA go out together, then the gate, then the message. Otherwise
+    each command waits for its reply, and the gate runs before DATA."""
 
     def __init__(self, config: SmtpConfig, name: str = "smtp") -> None:
         self.name = name
         self.config = config
         self._client: aiosmtplib.SMTP | None = None
+        self._session: PipelinedSession | None = None
         self._lock = asyncio.Lock()
 
     async def _connect(self) -> aiosmtplib.SMTP:
@@ -135,7 +145,38 @@ class SmtpTransport:
         )
         await client.connect()
         if c.username:
-            await client.login(c.username, c.password or "")
+            try:
+                await client.login(c.username, c.password or "")
+            except BaseException:
+                client.close()
+                raise
+        return client
+
+    async def _open(self) -> aiosmtplib.SMTP | PipelinedSession:
+        """The live connection, opened if needed. Raises SMTPServerDisconnected (the
+        caller tries once more) or TransientSendError."""
+        if self._session is not None and self._session.is_connected:
+            return self._session
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        self._session = self._client = None
+        try:
+            client = await self._connect()
+        except aiosmtplib.SMTPServerDisconnected:
+            raise
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Our credentials, not this message: try another transport, or later.
+            raise TransientSendError(
+                f"authentication failed: {exc.code} {exc.message}", exc.code
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _classify(exc.code, exc.message, f"{exc.code} {exc.message}") from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TransientSendError(f"smtp unavailable: {exc!r}") from exc
+        if self.config.pipelining and client.supports_extension("pipelining"):
+            self._session = PipelinedSession(client, self.config.timeout)
+            return self._session
+        self._client = client
         return client
 
     async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
@@ -144,15 +185,18 @@ class SmtpTransport:
     async def send_raw(
         self, sender: str, recipient: str, data: bytes, gate: HandOffGate | None = None
     ) -> Accepted:
-        """MAIL FROM and RCPT TO first; then ``gate``; then DATA. A refusal of the
-        envelope (e.g. 550 5.1.1 at RCPT) is raised before the gate: nothing left."""
+        """MAIL FROM and RCPT TO first; then ``gate``; then the message. A refusal of
+        the envelope (e.g. 550 5.1.1 at RCPT) is raised before the gate: nothing left."""
         async with self._lock:
             for attempt in (1, 2):
                 try:
-                    client = await self._envelope(sender, recipient, len(data))
+                    connection = await self._open()
+                    if isinstance(connection, PipelinedSession):
+                        return await self._send_pipelined(connection, sender, recipient, data, gate)
+                    client = await self._envelope(connection, sender, recipient, len(data))
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     # A pooled connection the server had closed: once more, afresh.
-                    self._client = None
+                    await self.close()
                     if attempt == 2:
                         raise TransientSendError(f"server disconnected: {exc}") from exc
                     continue
@@ -183,6 +227,64 @@ class SmtpTransport:
                     raise TransientSendError(f"smtp unavailable: {exc!r}") from exc
         raise TransientSendError("unreachable")  # pragma: no cover
 
+    async def _send_pipelined(
+        self,
+        session: PipelinedSession,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        gate: HandOffGate | None,
+    ) -> Accepted:
+        """MAIL FROM, RCPT TO and DATA in one round trip; the gate once the server
+        asked for the message; then the message. SMTPServerDisconnected before the
+        message went out passes through (the caller reconnects once)."""
+        options = [f"SIZE={len(data)}"] if session.supports_extension("size") else []
+        try:
+            mail, rcpt, start = await session.envelope(sender, recipient, options)
+        except aiosmtplib.SMTPServerDisconnected:
+            raise
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self.close()
+            raise TransientSendError(f"smtp unavailable: {exc!r}") from exc
+        refusal: SendError | None = None
+        if mail.code != 250:
+            refusal = _classify(mail.code, mail.message, f"{mail.code} {mail.message}")
+        elif rcpt.code not in (250, 251):
+            refusal = _classify(
+                rcpt.code, rcpt.message, f"recipient refused: {rcpt.code} {rcpt.message}"
+            )
+        elif start.code != 354:
+            refusal = _classify(start.code, start.message, f"{start.code} {start.message}")
+        if refusal is not None:
+            if start.code == 354:
+                self._abort()  # it asked for a message all the same: only a drop gets out
+            else:
+                await self._reset()
+            raise refusal
+        if gate is not None:
+            try:
+                go = await gate()
+            except BaseException:
+                self._abort()
+                raise
+            if not go:
+                self._abort()
+                raise HandOffRefused(f"{self.name}: the hand-off was called off")
+        try:
+            response = await session.message(data)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+            await self.close()
+            raise HandOffUncertain(
+                f"{self.name}: no answer after the end of the message: {exc}"
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await self.close()  # a garbled answer: whether it took the message is unknown
+            raise HandOffUncertain(f"{self.name}: unreadable answer to the message: {exc}") from exc
+        if response.code != 250:
+            await self._reset()
+            raise _classify(response.code, response.message, f"{response.code} {response.message}")
+        return Accepted(response.code, response.message)
+
     async def _data(self, client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
         """DATA, then the message. A connection lost (or a timeout) before the server
         asked for the message is a plain failure, safe to retry; once the end of the
@@ -209,13 +311,12 @@ class SmtpTransport:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
 
-    async def _envelope(self, sender: str, recipient: str, size: int) -> aiosmtplib.SMTP:
-        """Connect if needed, then MAIL FROM and RCPT TO; the connected client.
+    async def _envelope(
+        self, client: aiosmtplib.SMTP, sender: str, recipient: str, size: int
+    ) -> aiosmtplib.SMTP:
+        """MAIL FROM and RCPT TO, one after the other; the client.
         SMTPServerDisconnected passes through (the caller reconnects once)."""
         try:
-            if self._client is None or not self._client.is_connected:
-                self._client = await self._connect()
-            client = self._client
             options = [f"SIZE={size}"] if client.supports_extension("size") else []
             await client.mail(sender, options=options)
             await client.rcpt(recipient)
@@ -227,12 +328,6 @@ class SmtpTransport:
             raise _classify(
                 exc.code, exc.message, f"recipient refused: {exc.code} {exc.message}"
             ) from exc
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            # Our credentials, not this message: try another transport, or later.
-            await self.close()
-            raise TransientSendError(
-                f"authentication failed: {exc.code} {exc.message}", exc.code
-            ) from exc
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset()
             raise _classify(exc.code, exc.message, f"{exc.code} {exc.message}") from exc
@@ -242,13 +337,26 @@ class SmtpTransport:
 
     async def _reset(self) -> None:
         """After a refused transaction, RSET so the connection can be reused."""
-        if self._client is not None and self._client.is_connected:
-            try:
+        try:
+            if self._session is not None and self._session.is_connected:
+                reply = await self._session.command(b"RSET")
+                if reply.code != 250:
+                    await self.close()
+            elif self._client is not None and self._client.is_connected:
                 await self._client.rset()
-            except (aiosmtplib.SMTPException, OSError):
-                await self.close()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            await self.close()
+
+    def _abort(self) -> None:
+        """Drop a pipelined session that is inside DATA (see PipelinedSession.abort)."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.abort()
 
     async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.quit()
         client, self._client = self._client, None
         if client is not None and client.is_connected:
             try:

@@ -1,9 +1,14 @@
-"""SmtpTransport (services/sender/transport.py) against real aiosmtpd servers on loopback."""
+"""SmtpTransport (services/sender/transport.py) against real aiosmtpd servers on loopback.
+
+Every test runs twice: against a server that offers PIPELINING (the envelope and DATA
+go out together, services/sender/pipelining.py) and against one that does not (each
+command waits for its reply)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -57,6 +62,8 @@ class CountingSmtp(ScriptedSmtp):
     drop_data_command: int = 0
     #: Close the connection right after replying 421 (as RFC 5321 servers do).
     close_after_421: bool = False
+    #: DATA commands the server has read (answered 354 or not).
+    data_commands: int = 0
 
     @property
     def connections(self) -> int:
@@ -76,6 +83,7 @@ class CountingSmtp(ScriptedSmtp):
             original = server._smtp_methods["DATA"]
 
             async def data_command(arg: str) -> None:
+                self.data_commands += 1
                 if self.drop_data_command > 0:
                     self.drop_data_command -= 1
                     assert isinstance(server.transport, asyncio.Transport)
@@ -110,10 +118,17 @@ class CountingSmtp(ScriptedSmtp):
                 protocol.transport.abort()
 
 
-@pytest.fixture(autouse=True)
-def counting_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """smtp_server() builds its handler from the module global: make it a CountingSmtp."""
-    monkeypatch.setattr(smtp_server_module, "ScriptedSmtp", CountingSmtp)
+@pytest.fixture(autouse=True, params=[False, True], ids=["stepwise", "pipelined"])
+def counting_handler(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """smtp_server() builds its handler from the module global: make it a CountingSmtp,
+    offering PIPELINING or not."""
+    monkeypatch.setattr(
+        smtp_server_module,
+        "ScriptedSmtp",
+        functools.partial(CountingSmtp, pipelining=request.param),
+    )
     yield
 
 
@@ -430,12 +445,39 @@ class Gate:
 
 async def test_the_gate_runs_after_rcpt_and_before_data() -> None:
     async with counting_server() as (server, _), transport_for(server) as transport:
+        seen: list[int] = []
         gate = Gate(server)
-        accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(1), gate)
+
+        async def watching() -> bool:
+            seen.append(server.data_commands)
+            return await gate()
+
+        accepted = await transport.send_raw(SENDER, RECIPIENT, raw_message(1), watching)
 
     assert accepted.code == 250
-    assert gate.calls == [(1, 0)], "one RCPT accepted, no DATA yet"
+    assert gate.calls == [(1, 0)], "one RCPT accepted, no message yet"
+    # Pipelined, DATA went out with the envelope and the server asked for the message;
+    # stepwise, DATA waits for the gate.
+    assert seen == [1 if server.pipelining else 0]
     assert [r.data for r in server.received] == [raw_message(1)]
+
+
+async def test_pipelining_is_used_only_when_offered_and_wanted() -> None:
+    async with counting_server() as (server, _):
+        async with transport_for(server) as transport:
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1))
+            assert (transport._session is not None) is server.pipelining
+        async with transport_for(server, pipelining=False) as transport:
+            seen: list[int] = []
+
+            async def watching() -> bool:
+                seen.append(server.data_commands)
+                return True
+
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(2), watching)
+            assert transport._session is None
+    assert seen == [1], "with pipelining off, DATA waits for the gate"
+    assert [r.data for r in server.received] == [raw_message(1), raw_message(2)]
 
 
 @pytest.mark.parametrize(
@@ -471,16 +513,18 @@ async def test_a_refusal_at_rcpt_comes_before_the_gate(
 
 
 async def test_a_gate_that_says_no_hands_nothing_over() -> None:
+    """Stepwise, the envelope is reset and the connection carries the next message;
+    pipelined, the server already asked for the message (354), and only dropping the
+    connection gets out of DATA without one: the next message goes on a new one."""
     async with counting_server() as (server, _), transport_for(server) as transport:
         with pytest.raises(HandOffRefused):
             await transport.send_raw(SENDER, RECIPIENT, raw_message(1), Gate(server, False))
         assert server.attempts[RECIPIENT] == 0 and server.received == []
-        # The envelope was reset: the connection carries the next message cleanly.
         other = "grace@example.org"
         await transport.send_raw(SENDER, other, raw_message(2, other))
 
     assert [(r.rcpt_tos, r.data) for r in server.received] == [([other], raw_message(2, other))]
-    assert server.connections == 1
+    assert server.connections == (2 if server.pipelining else 1)
 
 
 async def test_a_failing_gate_propagates_and_leaves_the_connection_usable() -> None:
@@ -493,7 +537,8 @@ async def test_a_failing_gate_propagates_and_leaves_the_connection_usable() -> N
         await transport.send_raw(SENDER, RECIPIENT, raw_message(2))
 
     assert [r.data for r in server.received] == [raw_message(2)]
-    assert server.connections == 1
+    # Pipelined, the way out of DATA is a new connection (see the test above).
+    assert server.connections == (2 if server.pipelining else 1)
 
 
 async def test_after_a_refusal_the_same_connection_sends_the_next_message() -> None:
