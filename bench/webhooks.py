@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -178,6 +179,7 @@ async def run(rate: float, seconds: float, batch: int) -> dict[str, float]:
         return result
     finally:
         stack.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
