@@ -1,24 +1,23 @@
 """Group commit for the hand-off path.
 
-Every message a lane hands over costs two writes: the ``sending`` mark before DATA
-(the point of no return) and the ``sent`` record with its EmailSent after the
-server's 250. Lanes ask the ledger for them; the ledger writes whatever the lanes
-have asked for meanwhile in one statement, atomic as a whole, and answers each of
-them. While one statement is on its way the next requests gather, so under load a
-statement carries several lanes' marks and records, and with little load each
-request is written at once, as before.
+Every message a lane hands over costs two writes: the ``sending`` mark before the
+message (the point of no return) and the ``sent`` record with its EmailSent after the
+server's 250. The ledger writes the records the lanes asked for meanwhile in one
+statement, and their marks in another: while one statement is on its way the next
+requests gather, so under load a statement carries several lanes' requests, and
+with little load each is written at once.
 
 What a lane relies on is kept:
 
-- A mark is answered only once it is committed (True: the delivery is ours to hand
-  over; False: it is no longer ours, or its second of the global rate is over).
-- A lane's mark is never committed before the record of that lane's previous
-  hand-off (``after``): the record went in an earlier statement or goes in the same
-  one. So a lane has at most one delivery handed off and not recorded, and a crash
-  leaves at most one uncertain delivery per lane.
-- A record is never dropped: through a database outage it is written again with a
-  backoff, in the next statement. A mark is not retried: the statement's error is
-  raised to its lane, as a single statement's would be.
+- A record is written as soon as the records before it are: it never waits behind
+  marks, which keeps short the window in which a crash leaves a delivery handed over
+  but not recorded (uncertain). It is never dropped: through a database outage it is
+  written again, with a backoff.
+- A lane's mark is asked for only once that lane's previous record is committed
+  (``after``). So a lane has at most one delivery handed off and not recorded.
+- A mark is answered once committed (True: the delivery is ours to hand over; False:
+  it is no longer ours, or its second of the global rate is over). It is not retried:
+  the statement's error is raised to its lane, as a single statement's would be.
 """
 
 from __future__ import annotations
@@ -72,11 +71,8 @@ class SentRecord:
     outbox_row: tuple[str, bytes, bytes, Any, str]
 
 
-# The records' updates and their outbox rows, then the marks, in one statement. The
-# records and the marks touch different deliveries (a delivery is marked before it is
-# recorded, and a lane waits for its mark's answer). Keys are sorted so that two
-# statements lock the rows they share in the same order.
-WRITE = """
+# Keys are sorted so that two statements lock the rows they share in the same order.
+RECORD = """
 WITH sent AS (
     UPDATE deliveries AS d SET status = 'sent', status_reason = NULL,
         smtp_code = r.smtp_code, smtp_response = r.smtp_response, sent_at = r.sent_at,
@@ -90,34 +86,32 @@ WITH sent AS (
              provider_message_id, message_id, from_email, from_name)
     WHERE d.delivery_key = r.key
     RETURNING d.delivery_key
-), events AS (
-    INSERT INTO outbox (topic, kafka_key, payload, event_id, event_type)
-    SELECT e.topic, e.kafka_key, e.payload, e.event_id, e.event_type
-    FROM unnest($1::text[], $11::text[], $12::bytea[], $13::bytea[], $14::uuid[],
-                $15::text[]) WITH ORDINALITY
-        AS e(key, topic, kafka_key, payload, event_id, event_type, n)
-    JOIN sent ON sent.delivery_key = e.key
-    ORDER BY e.n
-), marked AS (
-    UPDATE deliveries AS d SET status = 'sending', message_id = m.message_id,
-        from_email = m.from_email, from_name = m.from_name, attempts = m.attempt,
-        handed_off_at = t.now, lease_until = t.now + make_interval(secs => m.lease),
-        updated_at = t.now
-    FROM (SELECT clock_timestamp() AS now) AS t,
-        unnest($16::text[], $17::text[], $18::float8[], $19::text[], $20::text[],
-               $21::text[], $22::int[], $23::timestamptz[])
-        AS m(key, owner, lease, message_id, from_email, from_name, attempt, rate_second)
-    WHERE d.delivery_key = m.key AND d.claimed_by = m.owner AND d.status = 'claimed'
-      AND (m.rate_second IS NULL OR date_trunc('second', t.now) = m.rate_second)
-    RETURNING d.delivery_key
 )
-SELECT delivery_key FROM marked
+INSERT INTO outbox (topic, kafka_key, payload, event_id, event_type)
+SELECT e.topic, e.kafka_key, e.payload, e.event_id, e.event_type
+FROM unnest($1::text[], $11::text[], $12::bytea[], $13::bytea[], $14::uuid[], $15::text[])
+    WITH ORDINALITY AS e(key, topic, kafka_key, payload, event_id, event_type, n)
+JOIN sent ON sent.delivery_key = e.key
+ORDER BY e.n
+"""
+
+MARK = """
+UPDATE deliveries AS d SET status = 'sending', message_id = m.message_id,
+    from_email = m.from_email, from_name = m.from_name, attempts = m.attempt,
+    handed_off_at = t.now, lease_until = t.now + make_interval(secs => m.lease),
+    updated_at = t.now
+FROM (SELECT clock_timestamp() AS now) AS t,
+    unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::text[], $6::text[],
+           $7::int[], $8::timestamptz[])
+    AS m(key, owner, lease, message_id, from_email, from_name, attempt, rate_second)
+WHERE d.delivery_key = m.key AND d.claimed_by = m.owner AND d.status = 'claimed'
+  AND (m.rate_second IS NULL OR date_trunc('second', t.now) = m.rate_second)
+RETURNING d.delivery_key, m.owner
 """
 
 
-def _arguments(records: list[SentRecord], marks: list[Mark]) -> list[Any]:
+def _record_arguments(records: list[SentRecord]) -> list[Any]:
     records = sorted(records, key=lambda r: r.key)
-    marks = sorted(marks, key=lambda m: m.key)
     return [
         [r.key for r in records],
         [r.smtp_code for r in records],
@@ -130,6 +124,12 @@ def _arguments(records: list[SentRecord], marks: list[Mark]) -> list[Any]:
         [r.from_email for r in records],
         [r.from_name for r in records],
         *([row[i] for row in (r.outbox_row for r in records)] for i in range(5)),
+    ]
+
+
+def _mark_arguments(marks: list[Mark]) -> list[Any]:
+    marks = sorted(marks, key=lambda m: m.key)
+    return [
         [m.key for m in marks],
         [m.owner for m in marks],
         [m.lease_seconds for m in marks],
@@ -141,116 +141,122 @@ def _arguments(records: list[SentRecord], marks: list[Mark]) -> list[Any]:
     ]
 
 
-@dataclass(eq=False, slots=True)
-class _Pending:
-    mark: Mark | None
-    record: SentRecord | None
-    future: asyncio.Future[Any]
-    #: A mark's lane's previous record: the mark is refused if that record failed.
-    after: asyncio.Future[None] | None = None
+Batch = list[tuple[Any, asyncio.Future[Any]]]
+
+
+class _GroupCommit:
+    """Requests written together: while one statement is on its way, the next gather.
+
+    ``answer`` settles a written batch's futures from the statement's rows. With
+    ``retry``, a batch that fails transiently is written again (with what came
+    meanwhile) after a backoff; otherwise the error goes to every future."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        sql: str,
+        arguments: Callable[[list[Any]], list[Any]],
+        answer: Callable[[Batch, list[asyncpg.Record]], None],
+        *,
+        retry: bool,
+    ) -> None:
+        self._pool = pool
+        self._sql = sql
+        self._arguments = arguments
+        self._answer = answer
+        self._retry = retry
+        self._queue: Batch = []
+        self._writer: asyncio.Task[None] | None = None
+        #: Statements written and the requests they carried (how well they batch).
+        self.statements = 0
+        self.requests = 0
+
+    def submit(self, request: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        return future
+
+    async def drain(self) -> None:
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._write(batch)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: Batch) -> None:
+        backoff = 0.1
+        while True:
+            if not self._retry:  # nobody waits for a cancelled request any more
+                batch = [(request, future) for request, future in batch if not future.done()]
+            if not batch:
+                return
+            try:
+                async with self._pool.acquire() as conn:
+                    rows = await conn.fetch(self._sql, *self._arguments([r for r, _ in batch]))
+            except Exception as exc:
+                if self._retry and is_transient(exc):
+                    log.warning("recording hand-offs failed, retrying: %r", exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    batch, self._queue = batch + self._queue, []
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            self.statements += 1
+            self.requests += len(batch)
+            self._answer(batch, rows)
+            return
+
+
+def _answer_records(batch: Batch, rows: list[asyncpg.Record]) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_result(None)
+
+
+def _answer_marks(batch: Batch, rows: list[asyncpg.Record]) -> None:
+    marked = {(row["delivery_key"], row["owner"]) for row in rows}
+    for mark, future in batch:
+        if not future.done():
+            future.set_result((mark.key, mark.owner) in marked)
 
 
 class HandOffLedger:
     """Writes lanes' ``sending`` marks and ``sent`` records, group-committed."""
 
     def __init__(self, pool: asyncpg.Pool, *, on_recorded: Callable[[], None]) -> None:
-        self._pool = pool
         self._on_recorded = on_recorded
-        self._queue: list[_Pending] = []
-        self._writer: asyncio.Task[None] | None = None
-        #: Statements written and requests they carried (a measure of the batching).
-        self.statements = 0
-        self.requests = 0
+        self.records = _GroupCommit(pool, RECORD, _record_arguments, _answer_records, retry=True)
+        self.marks = _GroupCommit(pool, MARK, _mark_arguments, _answer_marks, retry=False)
 
-    def mark_sending(
-        self, mark: Mark, *, after: asyncio.Future[None] | None
-    ) -> asyncio.Future[bool]:
+    async def mark_sending(self, mark: Mark, *, after: asyncio.Future[None] | None) -> bool:
         """True once the mark is committed; False if the delivery is not ours to send.
-        ``after``: the lane's previous record, committed first or together."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Pending(mark, None, future, after))
-        return future
+        ``after``: the lane's previous record, committed first (its failure is raised)."""
+        if after is not None:
+            await asyncio.shield(after)
+        marked: bool = await self.marks.submit(mark)
+        return marked
 
     def record_sent(self, record: SentRecord) -> asyncio.Future[None]:
         """Done once the record and its event are committed."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Pending(None, record, future))
+        future: asyncio.Future[None] = self.records.submit(record)
+        future.add_done_callback(self._recorded)
         return future
+
+    def _recorded(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._on_recorded()
 
     async def drain(self) -> None:
         """Wait until everything asked for so far is written (or has failed)."""
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
-
-    def _enqueue(self, pending: _Pending) -> None:
-        self._queue.append(pending)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all())
-
-    async def _write_all(self) -> None:
-        backoff = 0.1
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                retry = await self._write(batch)
-                if retry:
-                    # The records go first in the next statement, with what came meanwhile.
-                    self._queue[:0] = retry
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                else:
-                    backoff = 0.1
-        finally:
-            self._writer = None
-
-    async def _write(self, batch: list[_Pending]) -> list[_Pending]:
-        """Write one batch; the records to write again (a transient failure)."""
-        marks: list[_Pending] = []
-        records: list[_Pending] = []
-        for pending in batch:
-            if pending.record is not None:
-                records.append(pending)  # written even if its lane stopped waiting
-                continue
-            if pending.future.done():  # its lane was cancelled: nothing to hand over
-                continue
-            after = pending.after
-            if after is not None and after.done() and after.exception() is not None:
-                pending.future.set_exception(
-                    RuntimeError("the lane's previous hand-off could not be recorded")
-                )
-                continue
-            marks.append(pending)
-        if not marks and not records:
-            return []
-        try:
-            async with self._pool.acquire() as conn:
-                rows = await conn.fetch(
-                    WRITE,
-                    *_arguments(
-                        [p.record for p in records if p.record is not None],
-                        [p.mark for p in marks if p.mark is not None],
-                    ),
-                )
-        except Exception as exc:
-            for pending in marks:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-            if is_transient(exc):
-                log.warning("recording hand-offs failed, retrying: %r", exc)
-                return records
-            for pending in records:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-            return []
-        self.statements += 1
-        self.requests += len(marks) + len(records)
-        marked = {row["delivery_key"] for row in rows}
-        for pending in marks:
-            if not pending.future.done() and pending.mark is not None:
-                pending.future.set_result(pending.mark.key in marked)
-        for pending in records:
-            if not pending.future.done():
-                pending.future.set_result(None)
-        if records:
-            self._on_recorded()
-        return []
+        await self.records.drain()
+        await self.marks.drain()

@@ -550,3 +550,124 @@ async def _status_is(service: SenderService, key: str, status: str) -> bool:
         "SELECT status FROM deliveries WHERE delivery_key = $1", key
     )
     return bool(current == status)
+
+
+async def _claim(sender: SenderService, *emails: str) -> list[str]:
+    """Deliveries due tomorrow (the dispatcher leaves them alone), claimed by "me"."""
+    from services.sender import handlers, repo
+
+    later = datetime.now(UTC) + timedelta(days=1)
+    dues = [step_due(e).model_copy(update={"due_at": later}) for e in emails]
+    async with sender.pool.acquire() as conn, conn.transaction():
+        await handlers.handle_step_due(conn, dues)
+        claimed = await repo.claim_ready(conn, later, 100, 30.0, "me")
+    return sorted(r["delivery_key"] for r in claimed)
+
+
+async def test_lanes_marks_asked_for_together_go_in_one_statement(sender: SenderService) -> None:
+    from services.sender.ledger import Mark
+
+    *keys, other = await _claim(
+        sender, "a@example.org", "b@example.org", "c@example.org", "o@example.org"
+    )
+    ledger = sender.ledger
+    before = ledger.marks.statements
+    answers = await asyncio.gather(
+        *(
+            ledger.mark_sending(
+                Mark(k, "me", 30.0, f"<{k}@x>", "s@example.com", None, 1), after=None
+            )
+            for k in keys
+        ),
+        # Not claimed by this sender: refused, in the same statement.
+        ledger.mark_sending(
+            Mark(other, "someone-else", 30.0, "<z@x>", "s@example.com", None, 1), after=None
+        ),
+    )
+    assert answers == [True, True, True, False]
+    assert ledger.marks.statements == before + 1
+    rows = await sender.pool.fetch("SELECT delivery_key, status, message_id FROM deliveries")
+    assert {(r["delivery_key"], r["status"], r["message_id"]) for r in rows} == {
+        *((k, "sending", f"<{k}@x>") for k in keys),
+        (other, "claimed", None),
+    }
+
+
+async def test_a_mark_waits_for_its_lanes_previous_record_and_fails_with_it(
+    sender: SenderService,
+) -> None:
+    """A lane's mark is committed only after its previous hand-off's record: never
+    two deliveries of one lane handed off and unrecorded. A record that could not be
+    written stops the lane's next hand-off."""
+    from services.sender.ledger import Mark
+
+    first, second = await _claim(sender, "d@example.org", "e@example.org")
+    ledger = sender.ledger
+    previous: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    mark = ledger.mark_sending(
+        Mark(second, "me", 30.0, "<2@x>", "s@example.com", None, 1), after=previous
+    )
+    waiting = asyncio.ensure_future(mark)
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    assert (
+        await sender.pool.fetchval("SELECT status FROM deliveries WHERE delivery_key = $1", second)
+        == "claimed"
+    )
+    previous.set_result(None)
+    assert await waiting is True
+
+    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    failed.set_exception(RuntimeError("record failed"))
+    with pytest.raises(RuntimeError):
+        await ledger.mark_sending(
+            Mark(first, "me", 30.0, "<1@x>", "s@example.com", None, 1), after=failed
+        )
+    assert (
+        await sender.pool.fetchval("SELECT status FROM deliveries WHERE delivery_key = $1", first)
+        == "claimed"
+    )
+
+
+async def test_records_asked_for_together_go_in_one_statement_with_their_events(
+    sender: SenderService,
+) -> None:
+    from services.sender.ledger import SentRecord
+
+    keys = await _claim(sender, "f@example.org", "g@example.org")
+    ledger = sender.ledger
+    before = ledger.records.statements
+    ids = [uuid.uuid4() for _ in keys]
+    await asyncio.gather(
+        *(
+            ledger.record_sent(
+                SentRecord(
+                    key,
+                    smtp_code=250,
+                    smtp_response="2.0.0 queued",
+                    sent_at=datetime.now(UTC),
+                    links=["https://example.com/a"],
+                    transport="smtp",
+                    provider_message_id=None,
+                    message_id=f"<{key}@x>",
+                    from_email="s@example.com",
+                    from_name="Sam",
+                    outbox_row=(topics.EMAIL_SENT, key.encode(), b"{}", event_id, "EmailSent"),
+                )
+            )
+            for key, event_id in zip(keys, ids, strict=True)
+        )
+    )
+    assert ledger.records.statements == before + 1
+    rows = await sender.pool.fetch(
+        "SELECT delivery_key, status, links FROM deliveries ORDER BY delivery_key"
+    )
+    assert [(r["delivery_key"], r["status"], r["links"]) for r in rows] == [
+        (k, "sent", ["https://example.com/a"]) for k in keys
+    ]
+    events = await sender.pool.fetch(
+        "SELECT event_id, kafka_key FROM outbox WHERE event_type = 'EmailSent' ORDER BY id"
+    )
+    assert {(e["event_id"], e["kafka_key"]) for e in events} == {
+        (i, k.encode()) for k, i in zip(keys, ids, strict=True)
+    }
