@@ -5,7 +5,8 @@ emails/s sustained and the latency from due to accepted by the SMTP server, and 
 peak memory of each service.
 
 Baseline in the same run (the ceiling): a bare loop that builds the same messages
-and sends them with aiosmtplib to the same sink over the same number of connections.
+and sends them with aiosmtplib to the same sink over the same number of connections,
+measured before the launch and after it (the ratio is against their mean).
 
     python -m bench.e2e [--leads 5000] [--connections 4] [--senders 1]
 """
@@ -86,6 +87,7 @@ async def ceiling(host: str, port: int, count: int, connections: int) -> float:
 async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="touchstream-bench-e2e-"))
     stack = Stack(root)
+    ceiling_count = min(leads, 5000)
     try:
         database_url = await asyncio.to_thread(stack.start_postgres)
         kafka = await asyncio.to_thread(stack.start_kafka)
@@ -184,8 +186,15 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
             wait = (opens - datetime.now(UTC)).total_seconds()
             if wait < 0:
                 raise RuntimeError("intake took longer than the launch delay: raise it")
+            # The ceiling is measured before the launch (while the services idle) and
+            # again after it: on shared cores whose speed drifts, the pipeline's rate
+            # is set against the mean of the two.
+            ceilings: list[float] = []
+            if wait > 30:
+                ceilings.append(await ceiling(smtp_host, smtp_port, ceiling_count, connections))
+            before_launch = len(list(stack.mail_dir.glob("*.eml")))
             pids = {name: record.pid for name, record in stack.processes.items()}
-            await asyncio.sleep(wait)
+            await asyncio.sleep(max(0.0, (opens - datetime.now(UTC)).total_seconds()))
             cpu_before = cpu_seconds(pids)
             while time.monotonic() < deadline:
                 sent = await conn.fetchval(
@@ -213,8 +222,9 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
         last_sent = max(r["sent_at"] for r in rows)
         latencies = sorted((r["sent_at"] - r["due_at"]).total_seconds() for r in rows)
         rss = {name: _rss_peak_mb(stack.processes[name].pid) for name in ports}
-        sink = len(list(stack.mail_dir.glob("*.eml")))
-        top = await ceiling(smtp_host, smtp_port, min(leads, 5000), connections)
+        sink = len(list(stack.mail_dir.glob("*.eml"))) - before_launch
+        ceilings.append(await ceiling(smtp_host, smtp_port, ceiling_count, connections))
+        top = statistics.fmean(ceilings)
         rate = len(rows) / (last_sent - first_due).total_seconds()
         return {
             "leads": leads,
@@ -223,6 +233,7 @@ async def run(leads: int, connections: int, senders: int) -> dict[str, Any]:
             "registered": registered,
             "rate": rate,
             "ceiling": top,
+            "ceilings": ceilings,
             "p50": statistics.median(latencies),
             "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)],
             "rss": rss,
@@ -259,7 +270,10 @@ def main() -> None:
         f"  latency         : due -> accepted p50 {r['p50'] * 1000:.0f} ms,"
         f" p99 {r['p99'] * 1000:.0f} ms"
     )
-    print(f"  ceiling         : {r['ceiling']:8.0f} emails/s (build + aiosmtplib, same sink)")
+    print(
+        f"  ceiling         : {r['ceiling']:8.0f} emails/s (build + aiosmtplib, same sink;"
+        f" before and after: {', '.join(f'{c:.0f}' for c in r['ceilings'])})"
+    )
     print(f"  ratio           : {r['rate'] / r['ceiling']:.2f} of the ceiling (target >= 0.6)")
     print("  peak RSS        : " + ", ".join(f"{k} {v:.0f} MB" for k, v in r["rss"].items()))
     print("  stage spans     : " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items()))
