@@ -199,6 +199,10 @@ class Stack:
         user: str | None = None,
         cwd: Path | None = None,
     ) -> subprocess.Popen[Any]:
+        previous = self.processes.get(name)
+        if previous is not None and previous.alive():
+            # A second start under the same name would orphan the first: stop it.
+            self.stop(name)
         log_path = self.root / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
