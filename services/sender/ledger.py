@@ -178,10 +178,6 @@ class _GroupCommit:
             self._writer = asyncio.create_task(self._write_all())
         return future
 
-    async def drain(self) -> None:
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
-
     async def _write_all(self) -> None:
         try:
             while self._queue:
@@ -217,12 +213,6 @@ class _GroupCommit:
             return
 
 
-def _answer_records(batch: Batch, rows: list[asyncpg.Record]) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_result(None)
-
-
 def _answer_marks(batch: Batch, rows: list[asyncpg.Record]) -> None:
     marked = {(row["delivery_key"], row["owner"]) for row in rows}
     for mark, future in batch:
@@ -235,7 +225,9 @@ class HandOffLedger:
 
     def __init__(self, pool: asyncpg.Pool, *, on_recorded: Callable[[], None]) -> None:
         self._on_recorded = on_recorded
-        self.records = _GroupCommit(pool, RECORD, _record_arguments, _answer_records, retry=True)
+        self.records = _GroupCommit(
+            pool, RECORD, _record_arguments, self._answer_records, retry=True
+        )
         self.marks = _GroupCommit(pool, MARK, _mark_arguments, _answer_marks, retry=False)
 
     async def mark_sending(self, mark: Mark, *, after: asyncio.Future[None] | None) -> bool:
@@ -249,14 +241,10 @@ class HandOffLedger:
     def record_sent(self, record: SentRecord) -> asyncio.Future[None]:
         """Done once the record and its event are committed."""
         future: asyncio.Future[None] = self.records.submit(record)
-        future.add_done_callback(self._recorded)
         return future
 
-    def _recorded(self, future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._on_recorded()
-
-    async def drain(self) -> None:
-        """Wait until everything asked for so far is written (or has failed)."""
-        await self.records.drain()
-        await self.marks.drain()
+    def _answer_records(self, batch: Batch, rows: list[asyncpg.Record]) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+        self._on_recorded()  # once per statement: the relay publishes its events
