@@ -160,7 +160,7 @@ class _GroupCommit:
         *,
         retry: bool,
     ) -> None:
-        self._pool = pool
+        self.pool = pool
         self._sql = sql
         self._arguments = arguments
         self._answer = answer
@@ -194,7 +194,7 @@ class _GroupCommit:
             if not batch:
                 return
             try:
-                async with self._pool.acquire() as conn:
+                async with self.pool.acquire() as conn:
                     rows = await conn.fetch(self._sql, *self._arguments([r for r, _ in batch]))
             except Exception as exc:
                 if self._retry and is_transient(exc):

@@ -593,6 +593,31 @@ async def test_lanes_marks_asked_for_together_go_in_one_statement(sender: Sender
     }
 
 
+async def test_the_ledger_plans_its_statements_once_on_connections_of_its_own(
+    sender: SenderService,
+) -> None:
+    """The records statement's custom plans cost more to make than its generic plan
+    costs to run: the ledger's sessions keep the generic one; the service's others
+    keep PostgreSQL's default."""
+    from services.sender.ledger import RECORD
+
+    async with sender.ledger.records.pool.acquire() as conn:
+        assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+        assert await conn.fetchval("SHOW search_path") == "sender"
+        statement = await conn.prepare(RECORD)
+        args = [[] for _ in range(15)]
+        for _ in range(7):  # past the five custom plans PostgreSQL tries by default
+            await statement.fetch(*args)
+        plans = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement = $1",
+            RECORD,
+        )
+        assert plans is not None
+        assert plans["custom_plans"] == 0 and plans["generic_plans"] == 7
+    assert await sender.pool.fetchval("SHOW plan_cache_mode") == "auto"
+
+
 async def test_a_mark_waits_for_its_lanes_previous_record_and_fails_with_it(
     sender: SenderService,
 ) -> None:
