@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -53,14 +54,23 @@ class Job:
 
 
 @dataclass
+class Ready:
+    """A job whose message is built, with the transports to try in order."""
+
+    job: Job
+    built: BuiltMessage
+    transports: list[Transport]
+
+
+@dataclass
 class Lane:
     """One connection's run of jobs, sent one after the other.
 
     A hand-off's ``sent`` record goes to the ledger while the lane goes on with the
-    next envelope (MAIL FROM, RCPT TO); the ledger commits the next hand-off's
-    ``sending`` mark together with that record or after it. So a lane never has more
-    than one delivery handed off but not recorded, and a crash leaves at most one
-    uncertain delivery per lane."""
+    next message (whose envelope, pipelined, went out with this one); the ledger
+    commits the next hand-off's ``sending`` mark after that record. So a lane never
+    has more than one delivery handed off but not recorded, and a crash leaves at
+    most one uncertain delivery per lane."""
 
     transports: TransportPool
     recording: asyncio.Future[None] | None = None
@@ -349,16 +359,34 @@ class SenderService(Service[SenderSettings]):
         return by_id.get(holder, by_id[chosen])
 
     async def _run_lane(self, pool: TransportPool, jobs: list[Job], stop: asyncio.Event) -> None:
+        """Hand the lane's jobs over one after the other. Each message is built before
+        the previous one goes out, so that an SMTP session with PIPELINING can write
+        its envelope right after that message: one round trip per message."""
         lane = Lane(pool)
+        queue = iter(jobs)
         try:
-            for job in jobs:
-                if stop.is_set():
-                    return  # the claims expire and another sender takes them
-                await self._deliver(lane, job)
+            current = await self._next_ready(lane, queue, stop)
+            while current is not None and not stop.is_set():
+                upcoming = await self._next_ready(lane, queue, stop)
+                await self._hand_off(lane, current, upcoming)
+                current = upcoming
+            # Left unsent once stopping: the claims expire and another sender takes them.
         finally:
             await lane.recorded()
 
-    async def _deliver(self, lane: Lane, job: Job) -> None:
+    async def _next_ready(
+        self, lane: Lane, queue: Iterator[Job], stop: asyncio.Event
+    ) -> Ready | None:
+        """The next job with a message to hand over; the others' outcomes recorded."""
+        for job in queue:
+            if stop.is_set():
+                return None
+            ready = await self._prepare(lane, job)
+            if ready is not None:
+                return ready
+        return None
+
+    async def _prepare(self, lane: Lane, job: Job) -> Ready | None:
         row, mailbox = job.row, job.mailbox
         key = row["delivery_key"]
         now = self.clock.now()
@@ -382,14 +410,14 @@ class SenderService(Service[SenderSettings]):
                 FailureKind.INVALID,
                 f"unrendered template placeholder {placeholder!r}: refusing to send",
             )
-            return
+            return None
         try:
             built = build_message(email, self.tracking, now, mailbox.dkim)
         except InvalidMessage as exc:
             await self._record(
                 handlers.record_failed, key, FailureKind.INVALID, f"cannot build message: {exc}"
             )
-            return
+            return None
         if job.dry_run:
             await self._record(
                 handlers.record_dry_run,
@@ -401,22 +429,29 @@ class SenderService(Service[SenderSettings]):
                 links=built.links,
                 mailbox_id=mailbox.id,
             )
-            return
-        if job.rate_deadline is not None and asyncio.get_running_loop().time() >= job.rate_deadline:
-            await self._give_back(key)  # its second of the global rate is over
-            return
-        transports = await lane.transports.for_mailbox(mailbox)
-        await self._hand_off(lane, job, built, transports)
+            return None
+        return Ready(job, built, await lane.transports.for_mailbox(mailbox))
 
-    async def _hand_off(
-        self, lane: Lane, job: Job, built: BuiltMessage, transports: list[Transport]
-    ) -> None:
+    async def _hand_off(self, lane: Lane, ready: Ready, upcoming: Ready | None) -> None:
         """Try each transport in order; a transient failure fails over to the next.
 
         The delivery is marked ``sending`` (the point of no return: a crash from here
         leaves it uncertain) only once a transport is about to let the message itself
         go: for SMTP after the server accepted MAIL FROM and RCPT TO, so a refusal of
-        the envelope is a clean failure."""
+        the envelope is a clean failure. ``upcoming``, the lane's next message, goes
+        to the first transport when it is that message's first transport too."""
+        job, built, transports = ready.job, ready.built, ready.transports
+        if job.rate_deadline is not None and asyncio.get_running_loop().time() >= job.rate_deadline:
+            await self._give_back(job.row["delivery_key"])  # its second of the global rate is over
+            return
+        ahead = (
+            upcoming.built
+            if upcoming is not None
+            and transports
+            and upcoming.transports
+            and upcoming.transports[0] is transports[0]
+            else None
+        )
         s = self.settings
         row = job.row
         key = row["delivery_key"]
@@ -443,7 +478,9 @@ class SenderService(Service[SenderSettings]):
         failures: list[tuple[Transport, TransientSendError]] = []
         for transport in transports:
             try:
-                accepted = await transport.send(built, gate)
+                accepted = await transport.send(
+                    built, gate, ahead if transport is transports[0] else None
+                )
             except HandOffRefused:
                 # Cancelled, taken over after our claim expired, or its second of the
                 # global rate is over: nothing was handed over.

@@ -6,6 +6,11 @@ before the next read is armed, so it cannot pipeline. When the server offers
 PIPELINING, the session's transport is handed to :class:`PipelinedSession`, which
 writes MAIL FROM, RCPT TO and DATA together and reads their replies in order: one
 round trip for the envelope instead of three, and one write each way.
+
+The next message's envelope may follow a message in the same write (RFC 2920 3.1:
+the message content may begin a group, DATA ends one). Its replies arrive with the
+message's and are read when that envelope is asked for: with a run of messages on
+one connection, one round trip per message.
 """
 
 from __future__ import annotations
@@ -129,6 +134,8 @@ class PipelinedSession:
         transport.set_protocol(self._replies)
         self.timeout = timeout
         self.extensions = {name.lower() for name in client.esmtp_extensions}
+        #: An envelope written after the last message: its three replies are unread.
+        self._ahead: bytes | None = None
 
     @property
     def is_connected(self) -> bool:
@@ -148,12 +155,9 @@ class PipelinedSession:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
         transport.write(data)
 
-    async def envelope(
-        self, sender: str, recipient: str, options: list[str]
-    ) -> tuple[aiosmtplib.SMTPResponse, aiosmtplib.SMTPResponse, aiosmtplib.SMTPResponse]:
-        """MAIL FROM, RCPT TO and DATA in one write: their three replies. A server
-        refusing MAIL or RCPT refuses DATA too (RFC 2920 3.1); should it answer DATA
-        with 354 all the same, the caller must not send a message (see ``abort``)."""
+    @staticmethod
+    def envelope_lines(sender: str, recipient: str, options: list[str]) -> bytes:
+        """MAIL FROM, RCPT TO and DATA as written; ValueError for a control character."""
         mail = b"MAIL FROM:" + quote_address(sender).encode("ascii")
         if options:
             mail += b" " + " ".join(options).encode("ascii")
@@ -161,22 +165,55 @@ class PipelinedSession:
         for line in (mail, rcpt):
             if _CONTROL.search(line):
                 raise ValueError("an address holds a control character")
-        if self._replies.pending():
-            raise aiosmtplib.SMTPServerDisconnected("the server is out of step: reconnecting")
-        self._write(mail + b"\r\n" + rcpt + b"\r\nDATA\r\n")
+        return mail + b"\r\n" + rcpt + b"\r\nDATA\r\n"
+
+    async def envelope(
+        self, sender: str, recipient: str, options: list[str]
+    ) -> tuple[aiosmtplib.SMTPResponse, aiosmtplib.SMTPResponse, aiosmtplib.SMTPResponse]:
+        """MAIL FROM, RCPT TO and DATA in one write: their three replies. A server
+        refusing MAIL or RCPT refuses DATA too (RFC 2920 3.1); should it answer DATA
+        with 354 all the same, the caller must not send a message (see ``abort``).
+
+        If this very envelope was written ahead (``message``), only its replies are
+        read. One written ahead for another message leaves the session in a
+        transaction it cannot take back: the connection is dropped
+        (SMTPServerDisconnected: the caller reconnects)."""
+        lines = self.envelope_lines(sender, recipient, options)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead != lines:
+            self.abort()
+            raise aiosmtplib.SMTPServerDisconnected(
+                "an envelope written ahead was not used: reconnecting"
+            )
+        if ahead is None:
+            if self._replies.pending():
+                raise aiosmtplib.SMTPServerDisconnected("the server is out of step: reconnecting")
+            self._write(lines)
         first, second, third = await self._replies.read(3, self.timeout)
         return first, second, third
 
-    async def message(self, data: bytes) -> aiosmtplib.SMTPResponse:
-        """After DATA's 354: the message, dot-stuffed, and the server's reply."""
+    async def message(self, data: bytes, ahead: bytes | None = None) -> aiosmtplib.SMTPResponse:
+        """After DATA's 354: the message, dot-stuffed, and the server's reply. With
+        ``ahead`` (``envelope_lines`` of the next message), that envelope goes out in
+        the same write; ``envelope`` for the same message reads its replies."""
         payload = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data))
         if not payload.endswith(b"\r\n"):
             payload += b"\r\n"
-        self._write(payload + b".\r\n")
+        payload += b".\r\n"
+        self._write(payload + ahead if ahead is not None else payload)
+        self._ahead = ahead
         (reply,) = await self._replies.read(1, self.timeout)
         return reply
 
     async def command(self, line: bytes) -> aiosmtplib.SMTPResponse:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            # An envelope written ahead, never used: a server that took it waits for
+            # a message now (354), and only a drop gets out of that.
+            *_, start = await self._replies.read(3, self.timeout)
+            if start.code == 354:
+                self.abort()
+                raise aiosmtplib.SMTPServerDisconnected("left inside DATA: dropped")
         self._write(line + b"\r\n")
         (reply,) = await self._replies.read(1, self.timeout)
         return reply

@@ -340,7 +340,12 @@ class SendGridTransport(_HttpTransport):
     #: The error field of a recipient's address in a v3 Mail Send error.
     RECIPIENT_FIELD = re.compile(r"^personalizations\.\d+\.to(\.\d+)?(\.email)?$")
 
-    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
+    async def send(
+        self,
+        message: BuiltMessage,
+        gate: HandOffGate | None = None,
+        ahead: BuiltMessage | None = None,  # one request per message: nothing to pipeline
+    ) -> Accepted:
         payload = self.payload(message)
         await self._through_gate(gate)
         response = await self._post("/v3/mail/send", json=payload)
@@ -402,7 +407,12 @@ class MailgunTransport(_HttpTransport):
     #: Mailgun's answer when the ``to`` parameter is not an address it accepts.
     INVALID_TO = re.compile(r"^'?to'? parameter is not a valid address", re.IGNORECASE)
 
-    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
+    async def send(
+        self,
+        message: BuiltMessage,
+        gate: HandOffGate | None = None,
+        ahead: BuiltMessage | None = None,  # one request per message: nothing to pipeline
+    ) -> Accepted:
         fields = {"to": message.to_email, "o:tracking": "no"}
         if message.delivery_key:
             fields["v:delivery_key"] = message.delivery_key
@@ -483,7 +493,12 @@ class PostmarkTransport(_HttpTransport):
             body["Metadata"] = {"delivery_key": message.delivery_key}
         return body
 
-    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
+    async def send(
+        self,
+        message: BuiltMessage,
+        gate: HandOffGate | None = None,
+        ahead: BuiltMessage | None = None,  # one request per message: nothing to pipeline
+    ) -> Accepted:
         payload = self.payload(message)
         await self._through_gate(gate)
         # json= sets Content-Type: application/json.

@@ -100,7 +100,15 @@ class Transport(Protocol):
 
     name: str
 
-    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted: ...
+    async def send(
+        self,
+        message: BuiltMessage,
+        gate: HandOffGate | None = None,
+        ahead: BuiltMessage | None = None,
+    ) -> Accepted:
+        """``ahead``: the message this transport is asked to send next, when known
+        (an SMTP session with PIPELINING writes its envelope after this message)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -179,20 +187,41 @@ class SmtpTransport:
         self._client = client
         return client
 
-    async def send(self, message: BuiltMessage, gate: HandOffGate | None = None) -> Accepted:
-        return await self.send_raw(message.from_email, message.to_email, message.data, gate)
+    async def send(
+        self,
+        message: BuiltMessage,
+        gate: HandOffGate | None = None,
+        ahead: BuiltMessage | None = None,
+    ) -> Accepted:
+        return await self.send_raw(
+            message.from_email,
+            message.to_email,
+            message.data,
+            gate,
+            ahead=(ahead.from_email, ahead.to_email, len(ahead.data)) if ahead else None,
+        )
 
     async def send_raw(
-        self, sender: str, recipient: str, data: bytes, gate: HandOffGate | None = None
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        gate: HandOffGate | None = None,
+        *,
+        ahead: tuple[str, str, int] | None = None,
     ) -> Accepted:
         """MAIL FROM and RCPT TO first; then ``gate``; then the message. A refusal of
-        the envelope (e.g. 550 5.1.1 at RCPT) is raised before the gate: nothing left."""
+        the envelope (e.g. 550 5.1.1 at RCPT) is raised before the gate: nothing left.
+        ``ahead`` (sender, recipient, size of the next message): with PIPELINING, its
+        envelope follows this message in the same write."""
         async with self._lock:
             for attempt in (1, 2):
                 try:
                     connection = await self._open()
                     if isinstance(connection, PipelinedSession):
-                        return await self._send_pipelined(connection, sender, recipient, data, gate)
+                        return await self._send_pipelined(
+                            connection, sender, recipient, data, gate, ahead
+                        )
                     client = await self._envelope(connection, sender, recipient, len(data))
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     # A pooled connection the server had closed: once more, afresh.
@@ -234,13 +263,28 @@ class SmtpTransport:
         recipient: str,
         data: bytes,
         gate: HandOffGate | None,
+        ahead: tuple[str, str, int] | None,
     ) -> Accepted:
-        """MAIL FROM, RCPT TO and DATA in one round trip; the gate once the server
-        asked for the message; then the message. SMTPServerDisconnected before the
-        message went out passes through (the caller reconnects once)."""
-        options = [f"SIZE={len(data)}"] if session.supports_extension("size") else []
+        """MAIL FROM, RCPT TO and DATA in one round trip (or none, if they went out
+        after the previous message); the gate once the server asked for the message;
+        then the message, followed by the next one's envelope if ``ahead``.
+        SMTPServerDisconnected before the message went out passes through (the caller
+        reconnects once)."""
+
+        def options(size: int) -> list[str]:
+            return [f"SIZE={size}"] if session.supports_extension("size") else []
+
+        next_envelope: bytes | None = None
+        if ahead is not None:
+            sender_ahead, recipient_ahead, size_ahead = ahead
+            try:
+                next_envelope = session.envelope_lines(
+                    sender_ahead, recipient_ahead, options(size_ahead)
+                )
+            except ValueError:
+                next_envelope = None  # its own send refuses it, alone
         try:
-            mail, rcpt, start = await session.envelope(sender, recipient, options)
+            mail, rcpt, start = await session.envelope(sender, recipient, options(len(data)))
         except aiosmtplib.SMTPServerDisconnected:
             raise
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -271,7 +315,7 @@ class SmtpTransport:
                 self._abort()
                 raise HandOffRefused(f"{self.name}: the hand-off was called off")
         try:
-            response = await session.message(data)
+            response = await session.message(data, next_envelope)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
             await self.close()
             raise HandOffUncertain(
@@ -281,7 +325,8 @@ class SmtpTransport:
             await self.close()  # a garbled answer: whether it took the message is unknown
             raise HandOffUncertain(f"{self.name}: unreadable answer to the message: {exc}") from exc
         if response.code != 250:
-            await self._reset()
+            # The end of the message ends the transaction either way (RFC 5321 4.1.1.4):
+            # no reset needed, and the envelope written ahead stays usable.
             raise _classify(response.code, response.message, f"{response.code} {response.message}")
         return Accepted(response.code, response.message)
 

@@ -609,8 +609,7 @@ async def test_the_ledger_plans_its_statements_once_on_connections_of_its_own(
         for _ in range(7):  # past the five custom plans PostgreSQL tries by default
             await statement.fetch(*args)
         plans = await conn.fetchrow(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-            " WHERE statement = $1",
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
             RECORD,
         )
         assert plans is not None

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -556,6 +557,136 @@ async def test_after_a_refusal_the_same_connection_sends_the_next_message() -> N
         ([RECIPIENT], raw_message(3, RECIPIENT)),
     ]
     assert server.connections == 1
+
+
+# ----------------------------------------------------------------- envelope written ahead
+
+OTHER = "grace@example.org"
+
+
+def ahead_of(n: int, to: str = OTHER) -> tuple[str, str, int]:
+    return (SENDER, to, len(raw_message(n, to)))
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether ``condition`` holds within ``timeout`` seconds (the server's side runs
+    on this loop, after the client has its reply)."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+async def test_the_next_envelope_goes_out_with_the_message() -> None:
+    """Pipelined, the next message's MAIL FROM, RCPT TO and DATA follow the message in
+    the same write: its send reads their replies and writes only the message. A
+    server without PIPELINING gets one command at a time, as always."""
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1), ahead=ahead_of(2))
+        if server.pipelining:
+            assert await until(lambda: server.data_commands == 2)
+            assert server.rcpt_attempts[OTHER] == 1
+        else:
+            await asyncio.sleep(0.1)
+            assert server.rcpt_attempts[OTHER] == 0 and server.data_commands == 1
+        await transport.send_raw(SENDER, OTHER, raw_message(2, OTHER))
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(3))
+
+    assert server.rcpt_attempts[OTHER] == 1
+    assert [(r.mail_from, r.rcpt_tos, r.data) for r in server.received] == [
+        (SENDER, [RECIPIENT], raw_message(1)),
+        (SENDER, [OTHER], raw_message(2, OTHER)),
+        (SENDER, [RECIPIENT], raw_message(3)),
+    ]
+    assert server.connections == 1
+
+
+async def test_the_gate_for_a_message_whose_envelope_went_ahead_comes_before_it() -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1), ahead=ahead_of(2))
+        seen: list[int] = []
+
+        async def watching() -> bool:
+            seen.append(len(server.received))
+            return True
+
+        await transport.send_raw(SENDER, OTHER, raw_message(2, OTHER), watching)
+
+    assert seen == [1], "the second message had not left when its gate ran"
+    assert len(server.received) == 2
+
+
+async def test_an_envelope_written_ahead_for_another_message_is_never_completed() -> None:
+    """The lane changed its mind (the next message went elsewhere, or was given back):
+    the session sits inside a transaction it cannot take back, so it is dropped and
+    the message goes out on a new connection; nothing reaches the other recipient."""
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1), ahead=ahead_of(2))
+        third = "lin@example.org"
+        await transport.send_raw(SENDER, third, raw_message(3, third))
+
+    assert [(r.rcpt_tos, r.data) for r in server.received] == [
+        ([RECIPIENT], raw_message(1)),
+        ([third], raw_message(3, third)),
+    ]
+    assert server.attempts[OTHER] == 0
+    assert server.connections == (2 if server.pipelining else 1)
+
+
+async def test_closing_with_an_envelope_written_ahead_sends_no_message() -> None:
+    async with counting_server() as (server, _):
+        transport = SmtpTransport(config_for(server))
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1), ahead=ahead_of(2))
+        await transport.close()
+        await asyncio.sleep(0.1)
+
+    assert [r.data for r in server.received] == [raw_message(1)]
+    assert server.attempts[OTHER] == 0
+
+
+async def test_a_refused_message_leaves_the_envelope_written_ahead_usable() -> None:
+    """The end of a message ends its transaction, accepted or not: the next message,
+    whose envelope followed it, goes out on the same connection."""
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.reply(RECIPIENT, "550 5.7.1 Message content rejected")
+        with pytest.raises(PermanentSendError):
+            await transport.send_raw(SENDER, RECIPIENT, raw_message(1), ahead=ahead_of(2))
+        await transport.send_raw(SENDER, OTHER, raw_message(2, OTHER))
+
+    assert [(r.rcpt_tos, r.data) for r in server.received] == [([OTHER], raw_message(2, OTHER))]
+    assert server.connections == 1
+
+
+async def test_a_refusal_of_an_envelope_written_ahead_comes_before_its_gate() -> None:
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        server.reply_rcpt(OTHER, "550 5.1.1 <grace@example.org>: User unknown")
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1), ahead=ahead_of(2))
+        gate = Gate(server)
+        with pytest.raises(PermanentSendError) as caught:
+            await transport.send_raw(SENDER, OTHER, raw_message(2, OTHER), gate)
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(3))
+
+    assert caught.value.code == 550 and caught.value.rejection.bounce_type is HARD
+    assert gate.calls == []
+    assert [r.data for r in server.received] == [raw_message(1), raw_message(3)]
+    assert server.connections == 1
+
+
+async def test_an_address_cannot_smuggle_a_command_into_an_envelope_written_ahead() -> None:
+    smuggled = "eve@example.org\r\nRCPT TO:<x@example.org>"
+    async with counting_server() as (server, _), transport_for(server) as transport:
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(1), ahead=(SENDER, smuggled, 10))
+        with contextlib.suppress(ValueError, PermanentSendError, TransientSendError):
+            await transport.send_raw(SENDER, smuggled, raw_message(2))
+        await transport.send_raw(SENDER, RECIPIENT, raw_message(3))
+
+    assert server.rcpt_attempts.get("x@example.org", 0) == 0
+    assert all(r.rcpt_tos != ["x@example.org"] for r in server.received)
+    assert [r.data for r in server.received if r.rcpt_tos == [RECIPIENT]] == [
+        raw_message(1),
+        raw_message(3),
+    ]
 
 
 # ----------------------------------------------------------------- dropped connections
