@@ -195,10 +195,12 @@ async def smtp_server(
     starttls: bool = False,
     implicit_tls: bool = False,
     cert_dir: Path | None = None,
-    pipelining: bool = False,
+    pipelining: bool | None = None,
 ) -> AsyncIterator[tuple[ScriptedSmtp, Path | None]]:
     """Run a scripted SMTP server on the running loop; yields (server, CA file)."""
-    handler = ScriptedSmtp(port=free_port(), pipelining=pipelining)
+    handler = ScriptedSmtp(port=free_port())
+    if pipelining is not None:  # else the handler's own default (see test_smtp_transport)
+        handler.pipelining = pipelining
     context: ssl.SSLContext | None = None
     ca_file: Path | None = None
     if starttls or implicit_tls:

@@ -152,12 +152,20 @@ class SmtpTransport:
             cert_bundle=c.ca_file,
         )
         await client.connect()
-        if c.username:
-            try:
+        try:
+            if c.username:
                 await client.login(c.username, c.password or "")
-            except BaseException:
-                client.close()
-                raise
+            if client.is_ehlo_or_helo_needed:
+                # The server's extensions (PIPELINING) decide how the session goes on.
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    if not client.is_connected:
+                        raise
+                    await client.helo()
+        except BaseException:
+            client.close()
+            raise
         return client
 
     async def _open(self) -> aiosmtplib.SMTP | PipelinedSession:
