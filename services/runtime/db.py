@@ -35,15 +35,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str,
-    schema: str,
-    *,
-    size: int = 10,
-    connect_timeout: float = 10.0,
-    settings: dict[str, str] | None = None,
+    dsn: str, schema: str, *, size: int = 10, connect_timeout: float = 10.0
 ) -> asyncpg.Pool:
-    """A pool whose connections work in ``schema`` (the service's own slice), with
-    ``settings`` for every session of its own."""
+    """A pool whose connections work in ``schema`` (the service's own slice)."""
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -52,11 +46,7 @@ async def create_pool(
             timeout=connect_timeout,
             init=_init_connection,
             reset=_keep_session,
-            server_settings={
-                "search_path": schema,
-                "application_name": f"touchstream-{schema}",
-                **(settings or {}),
-            },
+            server_settings={"search_path": schema, "application_name": f"touchstream-{schema}"},
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseUnavailable(f"cannot reach PostgreSQL at {_redact(dsn)}: {exc}") from exc

@@ -17,8 +17,7 @@ from fastapi import FastAPI
 from schemas import topics
 from schemas.events import BounceType, EngagementReceived, EnrollmentStopped, FailureKind, StepDue
 from services.runtime.consumer import TopicHandler, is_transient
-from services.runtime.db import create_pool
-from services.runtime.service import BackgroundLoop, Service, StartupError
+from services.runtime.service import BackgroundLoop, Service
 from services.runtime.settings import SenderSettings
 from services.sender import api, domain, handlers, repo
 from services.sender.domain import Caps, RejectionClass
@@ -106,7 +105,6 @@ class SenderService(Service[SenderSettings]):
         # One pool of live transports per lane: a lane sends one message at a time.
         self.lanes = [TransportPool() for _ in range(s.concurrency)]
         self._ledger: HandOffLedger | None = None
-        self._ledger_pool: asyncpg.Pool | None = None
         self._ready = asyncio.Event()
 
     def default_mailbox(self, tenant_id: str) -> Mailbox:
@@ -138,27 +136,11 @@ class SenderService(Service[SenderSettings]):
     def produced_topics(self) -> list[str]:
         return [topics.EMAIL_SENT]
 
-    async def on_started(self) -> None:
-        # The ledger's two statements, of one shape each, on connections of their own
-        # (its writers hold one each) where they are planned once: the records
-        # statement's custom plans (unnest sizes known) cost more to make, every
-        # time, than the generic plan costs to run.
-        try:
-            self._ledger_pool = await create_pool(
-                self.settings.database_url,
-                self.name,
-                size=2,
-                settings={"plan_cache_mode": "force_generic_plan"},
-            )
-        except Exception as exc:
-            raise StartupError(str(exc)) from exc
-        self._ledger = HandOffLedger(self._ledger_pool, on_recorded=self.wake_relay)
-
     @property
     def ledger(self) -> HandOffLedger:
         """The lanes' group commit of ``sending`` marks and ``sent`` records."""
         if self._ledger is None:
-            raise RuntimeError(f"{self.name} is not started")
+            self._ledger = HandOffLedger(self.pool, on_recorded=self.wake_relay)
         return self._ledger
 
     def after_commit(self) -> None:
@@ -187,9 +169,6 @@ class SenderService(Service[SenderSettings]):
         await super().stop()
         for lane in self.lanes:
             await lane.close()
-        if self._ledger_pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ledger_pool.close(), 10)
 
     def add_routes(self, app: FastAPI) -> None:
         api.install(app, self)
