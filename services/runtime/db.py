@@ -35,9 +35,15 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, schema: str, *, size: int = 10, connect_timeout: float = 10.0
+    dsn: str,
+    schema: str,
+    *,
+    size: int = 10,
+    connect_timeout: float = 10.0,
+    settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
-    """A pool whose connections work in ``schema`` (the service's own slice)."""
+    """A pool whose connections work in ``schema`` (the service's own slice), with
+    ``settings`` for every session of its own."""
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -46,7 +52,11 @@ async def create_pool(
             timeout=connect_timeout,
             init=_init_connection,
             reset=_keep_session,
-            server_settings={"search_path": schema, "application_name": f"touchstream-{schema}"},
+            server_settings={
+                "search_path": schema,
+                "application_name": f"touchstream-{schema}",
+                **(settings or {}),
+            },
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseUnavailable(f"cannot reach PostgreSQL at {_redact(dsn)}: {exc}") from exc

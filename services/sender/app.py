@@ -17,11 +17,12 @@ from fastapi import FastAPI
 from schemas import topics
 from schemas.events import BounceType, EngagementReceived, EnrollmentStopped, FailureKind, StepDue
 from services.runtime.consumer import TopicHandler, is_transient
-from services.runtime.service import BackgroundLoop, Service
+from services.runtime.db import create_pool
+from services.runtime.service import BackgroundLoop, Service, StartupError
 from services.runtime.settings import SenderSettings
 from services.sender import api, domain, handlers, repo
 from services.sender.domain import Caps, RejectionClass
-from services.sender.ledger import HandOffLedger, Mark, SentRecord
+from services.sender.ledger import LEDGER_SESSION, HandOffLedger, Mark, SentRecord
 from services.sender.mailboxes import Mailbox, TransportPool, mailbox_from_row
 from services.sender.mime import (
     BuiltMessage,
@@ -105,6 +106,7 @@ class SenderService(Service[SenderSettings]):
         # One pool of live transports per lane: a lane sends one message at a time.
         self.lanes = [TransportPool() for _ in range(s.concurrency)]
         self._ledger: HandOffLedger | None = None
+        self._ledger_pool: asyncpg.Pool | None = None
         self._ready = asyncio.Event()
 
     def default_mailbox(self, tenant_id: str) -> Mailbox:
@@ -136,11 +138,20 @@ class SenderService(Service[SenderSettings]):
     def produced_topics(self) -> list[str]:
         return [topics.EMAIL_SENT]
 
+    async def on_started(self) -> None:
+        try:
+            self._ledger_pool = await create_pool(
+                self.settings.database_url, self.name, size=2, settings=LEDGER_SESSION
+            )
+        except Exception as exc:
+            raise StartupError(str(exc)) from exc
+        self._ledger = HandOffLedger(self._ledger_pool, on_recorded=self.wake_relay)
+
     @property
     def ledger(self) -> HandOffLedger:
         """The lanes' group commit of ``sending`` marks and ``sent`` records."""
         if self._ledger is None:
-            self._ledger = HandOffLedger(self.pool, on_recorded=self.wake_relay)
+            raise RuntimeError(f"{self.name} is not started")
         return self._ledger
 
     def after_commit(self) -> None:
@@ -169,6 +180,9 @@ class SenderService(Service[SenderSettings]):
         await super().stop()
         for lane in self.lanes:
             await lane.close()
+        if self._ledger_pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._ledger_pool.close(), 10)
 
     def add_routes(self, app: FastAPI) -> None:
         api.install(app, self)

@@ -42,6 +42,21 @@ from services.runtime.consumer import is_transient
 log = logging.getLogger(__name__)
 
 
+#: The ledger's sessions (two connections of their own: its writers hold one each).
+#: Its statements update deliveries by primary key, a handful at a time, and the
+#: only good plan for them is index lookups. PostgreSQL plans them anew at every
+#: call by default (the arrays' sizes make custom plans look cheaper), which took
+#: longer than running them; here each is planned once per connection. A plan made
+#: while the table is nearly empty would seq-scan it for as long as it stays cached:
+#: so no sequential scans and no hash or merge joins in these sessions.
+LEDGER_SESSION = {
+    "plan_cache_mode": "force_generic_plan",
+    "enable_seqscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Mark:
     """Mark a claimed delivery ``sending``: while still claimed by ``owner`` and,

@@ -594,6 +594,40 @@ async def test_lanes_marks_asked_for_together_go_in_one_statement(sender: Sender
     }
 
 
+async def test_the_ledger_plans_once_and_by_index_even_when_planned_on_an_empty_table(
+    sender: SenderService,
+) -> None:
+    """The ledger's statements are planned once per connection (not at every call)
+    and the plan looks deliveries up by key: one made while the table was empty still
+    does once it has grown. The service's other sessions keep PostgreSQL's defaults."""
+    from services.sender.ledger import RECORD_AND_MARK
+
+    arrays: list[list[Any]] = [[] for _ in range(23)]
+    assert await sender.pool.fetchval("SELECT count(*) FROM deliveries") == 0
+    async with sender.ledger.records.pool.acquire() as conn:
+        assert await conn.fetchval("SHOW search_path") == "sender"
+        statement = await conn.prepare(RECORD_AND_MARK)
+        for _ in range(7):  # past the five custom plans PostgreSQL tries first
+            await statement.fetch(*arrays)
+        plans = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+            RECORD_AND_MARK,
+        )
+        assert plans is not None
+        assert (plans["custom_plans"], plans["generic_plans"]) == (0, 7)
+        # The plan above was made on an empty table; it stays cached as the table grows.
+        await _claim(sender, *(f"grow{n}@example.org" for n in range(300)))
+        name = await conn.fetchval(
+            "SELECT name FROM pg_prepared_statements WHERE statement = $1", RECORD_AND_MARK
+        )
+        empty = ", ".join(["'{}'"] * len(arrays))
+        text = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {name}({empty})"))
+    assert "Index Scan using deliveries_pkey on deliveries" in text
+    assert "Seq Scan on deliveries" not in text
+    assert await sender.pool.fetchval("SHOW plan_cache_mode") == "auto"
+    assert await sender.pool.fetchval("SHOW enable_seqscan") == "on"
+
+
 async def test_a_mark_waits_for_its_lanes_previous_record_and_fails_with_it(
     sender: SenderService,
 ) -> None:
