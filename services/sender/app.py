@@ -68,9 +68,9 @@ class Lane:
 
     A hand-off's ``sent`` record goes to the ledger while the lane goes on with the
     next message (whose envelope, pipelined, went out with this one); the ledger
-    commits the next hand-off's ``sending`` mark after that record. So a lane never
-    has more than one delivery handed off but not recorded, and a crash leaves at
-    most one uncertain delivery per lane."""
+    commits the next hand-off's ``sending`` mark with that record or after it. So a
+    lane never has more than one delivery handed off but not recorded, and a crash
+    leaves at most one uncertain delivery per lane."""
 
     transports: TransportPool
     recording: asyncio.Future[None] | None = None
@@ -380,6 +380,10 @@ class SenderService(Service[SenderSettings]):
         return None
 
     async def _prepare(self, lane: Lane, job: Job) -> Ready | None:
+        """The job's message and transports, or None with its outcome recorded. It runs
+        while the lane's current message is still to go: a batch's jobs carry one
+        version of each mailbox (read once per claim), so the transports it asks for
+        are never new ones replacing (and closing) those the current message uses."""
         row, mailbox = job.row, job.mailbox
         key = row["delivery_key"]
         now = self.clock.now()
