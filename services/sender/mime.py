@@ -226,7 +226,11 @@ def build_message(
 
     text_part = MIMEText(text, "plain", _UTF8_QP)  # type: ignore[arg-type]
     if html is not None:
-        message: MIMEText | MIMEMultipart = MIMEMultipart("alternative")
+        # "=_" never occurs in quoted-printable text (a literal "=" is written "=3D"),
+        # so this boundary cannot collide with either part; the generator need not
+        # search the parts for a free one (a regular expression compiled per message).
+        boundary = "=_ts_" + hashlib.blake2b(message_id.encode(), digest_size=12).hexdigest()
+        message: MIMEText | MIMEMultipart = MIMEMultipart("alternative", boundary=boundary)
         message.attach(text_part)
         message.attach(MIMEText(html, "html", _UTF8_QP))  # type: ignore[arg-type]
     else:

@@ -115,6 +115,28 @@ def test_tracked_message_is_multipart_alternative_text_then_html() -> None:
     assert "<p>Hi Ada,</p>" in bodies["text/html"]
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    body=st.text(
+        alphabet=st.sampled_from(["=", "_", "-", "t", "s", "\n", "a", "é", "3", "D", " "]),
+        max_size=200,
+    )
+)
+def test_no_body_can_break_the_multipart_boundary(body: str) -> None:
+    """The parts are quoted-printable, where "=_" never occurs: whatever they say,
+    even our boundary itself, the message still has exactly its two parts."""
+    built = build(text="Hi\n" + body)
+    boundary = parse(built).get_boundary()
+    assert boundary is not None and boundary.startswith("=_")
+    message = parse(build(text=f"--{boundary}\n{body}\n--{boundary}--\n"))
+    assert [p.get_content_type() for p in message.walk()] == [
+        "multipart/alternative",
+        "text/plain",
+        "text/html",
+    ]
+    assert f"--{boundary}--" in parts(message)["text/plain"]
+
+
 def test_untracked_text_message_is_text_only() -> None:
     message = parse(build(tracking=False))
 
