@@ -68,9 +68,9 @@ class Lane:
 
     A hand-off's ``sent`` record goes to the ledger while the lane goes on with the
     next message (whose envelope, pipelined, went out with this one); the ledger
-    commits the next hand-off's ``sending`` mark with that record or after it. So a
-    lane never has more than one delivery handed off but not recorded, and a crash
-    leaves at most one uncertain delivery per lane."""
+    commits the next hand-off's ``sending`` mark after that record. So a lane never
+    has more than one delivery handed off but not recorded, and a crash leaves at
+    most one uncertain delivery per lane."""
 
     transports: TransportPool
     recording: asyncio.Future[None] | None = None

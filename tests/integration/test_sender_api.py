@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -598,32 +597,35 @@ async def test_the_ledger_plans_once_and_by_index_even_when_planned_on_an_empty_
     sender: SenderService,
 ) -> None:
     """The ledger's statements are planned once per connection (not at every call)
-    and the plan looks deliveries up by key: one made while the table was empty still
+    and the plans look deliveries up by key: one made while the table was empty still
     does once it has grown. The service's other sessions keep PostgreSQL's defaults."""
-    from services.sender.ledger import RECORD_AND_MARK
+    from services.sender.ledger import MARK, RECORD
 
-    arrays: list[list[Any]] = [[] for _ in range(23)]
+    statements = {RECORD: 15, MARK: 8}
     assert await sender.pool.fetchval("SELECT count(*) FROM deliveries") == 0
     async with sender.ledger.records.pool.acquire() as conn:
         assert await conn.fetchval("SHOW search_path") == "sender"
-        statement = await conn.prepare(RECORD_AND_MARK)
-        for _ in range(7):  # past the five custom plans PostgreSQL tries first
-            await statement.fetch(*arrays)
-        plans = await conn.fetchrow(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
-            RECORD_AND_MARK,
-        )
-        assert plans is not None
-        assert (plans["custom_plans"], plans["generic_plans"]) == (0, 7)
-        # The plan above was made on an empty table; it stays cached as the table grows.
+        prepared = [await conn.prepare(sql) for sql in statements]  # kept, not closed
+        for statement, (sql, count) in zip(prepared, statements.items(), strict=True):
+            for _ in range(7):  # past the five custom plans PostgreSQL tries first
+                await statement.fetch(*([[]] * count))
+            plans = await conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement = $1",
+                sql,
+            )
+            assert plans is not None
+            assert (plans["custom_plans"], plans["generic_plans"]) == (0, 7)
+        # The plans above were made on an empty table; they stay cached as it grows.
         await _claim(sender, *(f"grow{n}@example.org" for n in range(300)))
-        name = await conn.fetchval(
-            "SELECT name FROM pg_prepared_statements WHERE statement = $1", RECORD_AND_MARK
-        )
-        empty = ", ".join(["'{}'"] * len(arrays))
-        text = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {name}({empty})"))
-    assert "Index Scan using deliveries_pkey on deliveries" in text
-    assert "Seq Scan on deliveries" not in text
+        for sql, count in statements.items():
+            name = await conn.fetchval(
+                "SELECT name FROM pg_prepared_statements WHERE statement = $1", sql
+            )
+            empty = ", ".join(["'{}'"] * count)
+            text = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {name}({empty})"))
+            assert "Index Scan using deliveries_pkey on deliveries" in text, text
+            assert "Seq Scan on deliveries" not in text, text
     assert await sender.pool.fetchval("SHOW plan_cache_mode") == "auto"
     assert await sender.pool.fetchval("SHOW enable_seqscan") == "on"
 
@@ -706,83 +708,3 @@ async def test_records_asked_for_together_go_in_one_statement_with_their_events(
     assert {(e["event_id"], e["kafka_key"]) for e in events} == {
         (i, k.encode()) for k, i in zip(keys, ids, strict=True)
     }
-
-
-def _sent_record(key: str, event_id: uuid.UUID) -> Any:
-    from services.sender.ledger import SentRecord
-
-    return SentRecord(
-        key,
-        smtp_code=250,
-        smtp_response="2.0.0 queued",
-        sent_at=datetime.now(UTC),
-        links=[],
-        transport="smtp",
-        provider_message_id=None,
-        message_id=f"<{key}@x>",
-        from_email="s@example.com",
-        from_name="Sam",
-        outbox_row=(topics.EMAIL_SENT, key.encode(), b"{}", event_id, "EmailSent"),
-    )
-
-
-async def test_a_lanes_record_not_yet_written_goes_with_its_next_mark(
-    sender: SenderService,
-) -> None:
-    """The 250 for one message and the replies to the next envelope arrive together:
-    the record and the next mark go out at once, in one statement."""
-    from services.sender.ledger import Mark
-
-    first, second = await _claim(sender, "h@example.org", "i@example.org")
-    ledger = sender.ledger
-    assert await ledger.mark_sending(
-        Mark(first, "me", 30.0, "<1@x>", "s@example.com", None, 1), after=None
-    )
-    records, marks = ledger.records.statements, ledger.marks.statements
-    event_id = uuid.uuid4()
-    recorded = ledger.record_sent(_sent_record(first, event_id))
-    marked = await ledger.mark_sending(
-        Mark(second, "me", 30.0, "<2@x>", "s@example.com", None, 1), after=recorded
-    )
-    assert marked is True and recorded.done() and recorded.exception() is None
-    assert (ledger.records.statements, ledger.marks.statements) == (records, marks + 1)
-    assert ledger.records_with_marks == 1
-    rows = await sender.pool.fetch("SELECT delivery_key, status FROM deliveries")
-    assert {(r["delivery_key"], r["status"]) for r in rows} == {
-        (first, "sent"),
-        (second, "sending"),
-    }
-    assert (
-        await sender.pool.fetchval("SELECT count(*) FROM outbox WHERE event_id = $1", event_id) == 1
-    )
-
-
-async def test_a_record_that_went_with_a_failed_mark_is_written_on_its_own(
-    sender: SenderService,
-) -> None:
-    """A record is never dropped: when the statement it shared with a mark fails, the
-    mark's lane gets the error and the record is written again by itself."""
-    from services.sender.ledger import Mark
-
-    first, second = await _claim(sender, "j@example.org", "k@example.org")
-    ledger = sender.ledger
-    assert await ledger.mark_sending(
-        Mark(first, "me", 30.0, "<1@x>", "s@example.com", None, 1), after=None
-    )
-    event_id = uuid.uuid4()
-    recorded = ledger.record_sent(_sent_record(first, event_id))
-    with pytest.raises(asyncpg.DataError, match=r"int32"):
-        # No attempt fits in an int4: the statement cannot be written.
-        await ledger.mark_sending(
-            Mark(second, "me", 30.0, "<2@x>", "s@example.com", None, 2**40), after=recorded
-        )
-    await asyncio.wait_for(asyncio.shield(recorded), 10)
-    assert ledger.records_with_marks == 0
-    rows = await sender.pool.fetch("SELECT delivery_key, status FROM deliveries")
-    assert {(r["delivery_key"], r["status"]) for r in rows} == {
-        (first, "sent"),
-        (second, "claimed"),
-    }
-    assert (
-        await sender.pool.fetchval("SELECT count(*) FROM outbox WHERE event_id = $1", event_id) == 1
-    )
