@@ -510,8 +510,11 @@ class SenderService(Service[SenderSettings]):
                 log.info("%s: %s failed transiently: %s", key, transport.name, exc)
                 failures.append((transport, exc))
                 continue
-            # Recorded while the lane prepares the next envelope (see Lane).
+            # Recorded while the lane prepares its next message (see Lane). The ledger's
+            # statement goes out first: until it is committed, a crash leaves this
+            # delivery uncertain, so the next message's build waits its turn.
             lane.recording = self._record_sent(row, built, transport.name, accepted)
+            await asyncio.sleep(0)
             return
         reason = "; ".join(f"{t.name}: {e}" for t, e in failures) or "no transport"
         retry_after = max(
