@@ -16,10 +16,11 @@ What a lane relies on is kept:
 - A lane's mark is asked for only once that lane's previous record is committed
   (``after``), in a statement of its own. So a lane has at most one delivery handed
   off and not recorded, and between that record's commit and the next mark's it has
-  none. Writing a record and the lane's next mark together (tried, with the next
-  envelope pipelined behind each message) kept every busy lane inside that window
-  all the time: a sender killed mid-burst left one uncertain delivery per lane
-  (chaos: 9 uncertain for 13 sender kills, 7 for 9, against 4 for 10).
+  none. Writing a record and the lane's next mark in one statement was tried (with
+  the next envelope pipelined behind each message): it saves a statement per email
+  but keeps every busy lane with a delivery at stake all the time. Chaos runs could
+  not tell the two apart (uncertain per sender kill 0.69 and 0.78 together, 0.64 and
+  0.5 apart); the smaller exposure was kept.
 - A mark is answered once committed (True: the delivery is ours to hand over; False:
   it is no longer ours, or its second of the global rate is over). It is not retried:
   the statement's error is raised to its lane, as a single statement's would be.
