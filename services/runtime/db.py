@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+#: Sessions whose statements look rows up by key, a handful at a time: for them the
+#: only good plan is an index scan. Without these, a plan PostgreSQL caches while a
+#: table is nearly empty (a generic plan, chosen after five executions) keeps
+#: scanning the whole table once it has grown, until the table is next analyzed.
+INDEX_LOOKUPS = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}
+
+
 class DatabaseUnavailable(RuntimeError):
     """PostgreSQL cannot be reached."""
 

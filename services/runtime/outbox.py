@@ -21,6 +21,7 @@ import asyncpg
 from faststream.kafka import KafkaBroker
 
 from schemas.events import Event
+from services.runtime.db import INDEX_LOOKUPS
 from services.runtime.kafka import OutgoingRecord, publish_all
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ async def enqueue_many(conn: asyncpg.Connection, items: Iterable[tuple[str, Even
             ids,
             types,
         )
+
+
+UNPUBLISHED = (
+    "SELECT id, topic, kafka_key, payload, event_id, event_type FROM outbox"
+    " WHERE published_at IS NULL ORDER BY id LIMIT $1"
+)
+PUBLISHED = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])"
 
 
 def _relay_lock_key(schema: str) -> int:
@@ -105,8 +113,16 @@ class OutboxRelay:
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, 5.0)
 
+    async def connect(self) -> asyncpg.Connection:
+        """The leader's own connection: its advisory lock, its LISTEN, and the
+        statements it publishes with (by index: see INDEX_LOOKUPS; the outbox grows
+        from empty in a burst, and a plan cached while it was small would scan it)."""
+        return await asyncpg.connect(
+            self.dsn, timeout=10, server_settings={"search_path": self.schema, **INDEX_LOOKUPS}
+        )
+
     async def _lead(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
+        conn = await self.connect()
         try:
             key = _relay_lock_key(self.schema)
             while not stop.is_set():
@@ -125,9 +141,9 @@ class OutboxRelay:
                 if self.linger_seconds:
                     # Let a burst of commits gather: one round for many rows.
                     await asyncio.sleep(self.linger_seconds)
-                published = await self.publish_batch()
+                published = await self.publish_batch(conn)
                 if loop.time() - last_cleanup > 60:
-                    await self._cleanup()
+                    await self._cleanup(conn)
                     last_cleanup = loop.time()
                 if published < self.batch_size:
                     with contextlib.suppress(TimeoutError):
@@ -135,18 +151,16 @@ class OutboxRelay:
                 if conn.is_closed():
                     raise asyncpg.InterfaceError("relay leader connection closed")
             # Drain what is left before handing over.
-            while await self.publish_batch():
+            while await self.publish_batch(conn):
                 pass
         finally:
             self.is_leader = False
             await conn.close()
 
-    async def publish_batch(self) -> int:
-        rows = await self.pool.fetch(
-            "SELECT id, topic, kafka_key, payload, event_id, event_type FROM outbox"
-            " WHERE published_at IS NULL ORDER BY id LIMIT $1",
-            self.batch_size,
-        )
+    async def publish_batch(self, conn: asyncpg.Connection | None = None) -> int:
+        """Publish the oldest unpublished rows (on ``conn``, else the pool's)."""
+        db: asyncpg.Connection | asyncpg.Pool = conn if conn is not None else self.pool
+        rows = await db.fetch(UNPUBLISHED, self.batch_size)
         if not rows:
             return 0
         await publish_all(
@@ -161,15 +175,12 @@ class OutboxRelay:
                 for r in rows
             ],
         )
-        await self.pool.execute(
-            "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
-            [r["id"] for r in rows],
-        )
+        await db.execute(PUBLISHED, [r["id"] for r in rows])
         self.published += len(rows)
         return len(rows)
 
-    async def _cleanup(self) -> None:
-        await self.pool.execute(
+    async def _cleanup(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(
             "DELETE FROM outbox WHERE published_at < clock_timestamp() - make_interval(secs => $1)",
             self.retention_seconds,
         )

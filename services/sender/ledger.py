@@ -39,23 +39,17 @@ from typing import Any
 import asyncpg
 
 from services.runtime.consumer import is_transient
+from services.runtime.db import INDEX_LOOKUPS
 
 log = logging.getLogger(__name__)
 
 
 #: The ledger's sessions (two connections of their own: its writers hold one each).
-#: Its statements update deliveries by primary key, a handful at a time, and the
-#: only good plan for them is index lookups. PostgreSQL plans them anew at every
-#: call by default (the arrays' sizes make custom plans look cheaper), which took
-#: longer than running them; here each is planned once per connection. A plan made
-#: while the table is nearly empty would seq-scan it for as long as it stays cached:
-#: so no sequential scans and no hash or merge joins in these sessions.
-LEDGER_SESSION = {
-    "plan_cache_mode": "force_generic_plan",
-    "enable_seqscan": "off",
-    "enable_hashjoin": "off",
-    "enable_mergejoin": "off",
-}
+#: Its statements update deliveries by primary key, a handful at a time.
+#: PostgreSQL plans them anew at every call by default (the arrays' sizes make
+#: custom plans look cheaper), which took longer than running them; here each is
+#: planned once per connection, and by index (see INDEX_LOOKUPS).
+LEDGER_SESSION = {"plan_cache_mode": "force_generic_plan", **INDEX_LOOKUPS}
 
 
 @dataclass(frozen=True, slots=True)

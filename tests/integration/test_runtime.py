@@ -210,6 +210,40 @@ def _record(event: Event) -> tuple[bytes, bytes]:
     return event.kafka_key(), event.to_bytes()
 
 
+async def test_the_relays_statements_look_rows_up_by_index_on_a_grown_outbox(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """The outbox grows from empty in a burst: plans the leader's connection caches
+    while it is small (generic, after five executions of batches alike) must still
+    use the indexes once it has grown, not scan the whole table at every batch."""
+    from services.runtime.outbox import PUBLISHED, UNPUBLISHED
+
+    relay = OutboxRelay(database_url, "svc", pool, new_broker("127.0.0.1:1", "unused"))
+    conn = await relay.connect()
+    try:
+        insert = (
+            "INSERT INTO outbox (topic, kafka_key, payload, event_id, event_type)"
+            " SELECT 't', 'k', 'p', gen_random_uuid(), 'E' FROM generate_series(1, $1::int)"
+        )
+        base = await conn.fetchval("SELECT coalesce(max(id), 0) FROM outbox")
+        for n in range(8):  # batches of nine, as a relay publishes them under load
+            await conn.execute(insert, 9)
+            await conn.fetch(UNPUBLISHED, 1000)
+            await conn.execute(PUBLISHED, list(range(base + n * 9 + 1, base + n * 9 + 10)))
+        await conn.execute(insert, 5000)
+        for sql, args in ((PUBLISHED, "'{1,2,3}'"), (UNPUBLISHED, "1000")):
+            name = await conn.fetchval(
+                "SELECT name FROM pg_prepared_statements WHERE statement = $1", sql
+            )
+            assert name is not None
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {name}({args})"))
+            assert "Seq Scan" not in plan, plan
+            assert "Index" in plan, plan
+    finally:
+        await conn.execute("DELETE FROM outbox")
+        await conn.close()
+
+
 async def test_consumer_dedupes_dead_letters_and_keeps_going(
     pool: asyncpg.Pool, kafka_bootstrap: str
 ) -> None:
