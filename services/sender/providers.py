@@ -60,6 +60,7 @@ import logging
 import math
 import re
 import time
+from abc import ABC, abstractmethod
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
@@ -206,7 +207,7 @@ def classify_http_error(
     )
 
 
-class _HttpTransport:
+class _HttpTransport(ABC):
     """Shared plumbing: one pooled client, network errors as transient failures."""
 
     provider: ClassVar[str]
@@ -255,6 +256,19 @@ class _HttpTransport:
             retry_after=_retry_after(response),
             blames_recipient=blames_recipient,
         )
+
+    async def send(
+        self,
+        message: BuiltMessage,
+        gate: HandOffGate | None = None,
+        ahead: BuiltMessage | None = None,
+    ) -> Accepted:
+        """One request per message: ``ahead`` has nothing to pipeline with."""
+        return await self._send(message, gate)
+
+    @abstractmethod
+    async def _send(self, message: BuiltMessage, gate: HandOffGate | None) -> Accepted:
+        """The provider's own request: through ``gate`` first, then the message."""
 
     async def _through_gate(self, gate: HandOffGate | None) -> None:
         if gate is not None and not await gate():
@@ -340,12 +354,7 @@ class SendGridTransport(_HttpTransport):
     #: The error field of a recipient's address in a v3 Mail Send error.
     RECIPIENT_FIELD = re.compile(r"^personalizations\.\d+\.to(\.\d+)?(\.email)?$")
 
-    async def send(
-        self,
-        message: BuiltMessage,
-        gate: HandOffGate | None = None,
-        ahead: BuiltMessage | None = None,  # one request per message: nothing to pipeline
-    ) -> Accepted:
+    async def _send(self, message: BuiltMessage, gate: HandOffGate | None) -> Accepted:
         payload = self.payload(message)
         await self._through_gate(gate)
         response = await self._post("/v3/mail/send", json=payload)
@@ -407,12 +416,7 @@ class MailgunTransport(_HttpTransport):
     #: Mailgun's answer when the ``to`` parameter is not an address it accepts.
     INVALID_TO = re.compile(r"^'?to'? parameter is not a valid address", re.IGNORECASE)
 
-    async def send(
-        self,
-        message: BuiltMessage,
-        gate: HandOffGate | None = None,
-        ahead: BuiltMessage | None = None,  # one request per message: nothing to pipeline
-    ) -> Accepted:
+    async def _send(self, message: BuiltMessage, gate: HandOffGate | None) -> Accepted:
         fields = {"to": message.to_email, "o:tracking": "no"}
         if message.delivery_key:
             fields["v:delivery_key"] = message.delivery_key
@@ -493,12 +497,7 @@ class PostmarkTransport(_HttpTransport):
             body["Metadata"] = {"delivery_key": message.delivery_key}
         return body
 
-    async def send(
-        self,
-        message: BuiltMessage,
-        gate: HandOffGate | None = None,
-        ahead: BuiltMessage | None = None,  # one request per message: nothing to pipeline
-    ) -> Accepted:
+    async def _send(self, message: BuiltMessage, gate: HandOffGate | None) -> Accepted:
         payload = self.payload(message)
         await self._through_gate(gate)
         # json= sets Content-Type: application/json.
