@@ -257,15 +257,12 @@ class SenderService(Service[SenderSettings]):
                 await repo.release_global(self.pool, grant.second, grant.granted - len(handing))
             for job in handing:
                 job.rate_second, job.rate_deadline = grant.second, deadline
-        lanes: list[list[Job]] = [[] for _ in self.lanes]
-        for index, job in enumerate(jobs):
-            lanes[index % len(lanes)].append(job)
+        # The lanes take the batch's jobs from one queue, each its next when it is
+        # ready for it, so they run out of work together rather than some idling
+        # while another finishes a longer share.
+        queue = iter(jobs)
         await asyncio.gather(
-            *(
-                self._run_lane(pool, lane, stop)
-                for pool, lane in zip(self.lanes, lanes, strict=True)
-                if lane
-            )
+            *(self._run_lane(pool, queue, stop) for pool in self.lanes[: len(jobs)])
         )
         return len(rows)
 
@@ -351,12 +348,13 @@ class SenderService(Service[SenderSettings]):
         holder = await repo.assign_mailbox(conn, row["enrollment_id"], chosen)
         return by_id.get(holder, by_id[chosen])
 
-    async def _run_lane(self, pool: TransportPool, jobs: list[Job], stop: asyncio.Event) -> None:
-        """Hand the lane's jobs over one after the other. Each message is built before
-        the previous one goes out, so that an SMTP session with PIPELINING can write
-        its envelope right after that message: one round trip per message."""
+    async def _run_lane(
+        self, pool: TransportPool, queue: Iterator[Job], stop: asyncio.Event
+    ) -> None:
+        """Hand jobs from ``queue`` over one after the other. Each message is built
+        before the previous one goes out, so that an SMTP session with PIPELINING can
+        write its envelope right after that message: one round trip per message."""
         lane = Lane(pool)
-        queue = iter(jobs)
         try:
             current = await self._next_ready(lane, queue, stop)
             while current is not None and not stop.is_set():
