@@ -75,18 +75,20 @@ class NurtureService(Service[NurtureSettings]):
     async def scheduler(self, stop: asyncio.Event) -> None:
         """Claim due enrollments in batches (FOR UPDATE SKIP LOCKED) and advance them.
 
-        Any number of nurture replicas run this loop side by side."""
+        Any number of nurture replicas run this loop side by side. A round after an
+        idle one claims a small batch, and each full round doubles it up to
+        ``scheduler_batch``: when a launch makes thousands due at once, the first
+        StepDue go out after a few renders rather than after a whole batch's."""
         settings = self.settings
         backoff = 0.1
+        first = max(1, settings.scheduler_batch // 8)
+        limit = first
         while not stop.is_set():
             self._due.clear()
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     claimed = await handlers.run_due(
-                        conn,
-                        now=self.clock.now(),
-                        limit=settings.scheduler_batch,
-                        steps=self.steps,
+                        conn, now=self.clock.now(), limit=limit, steps=self.steps
                     )
                 backoff = 0.1
             except Exception as exc:
@@ -100,9 +102,12 @@ class NurtureService(Service[NurtureSettings]):
             if claimed:
                 self.wake_relay()
                 self._notifications.set()
-            if claimed < settings.scheduler_batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._due.wait(), settings.scheduler_idle_seconds)
+            if claimed >= limit:
+                limit = min(limit * 2, settings.scheduler_batch)
+                continue
+            limit = first
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due.wait(), settings.scheduler_idle_seconds)
 
     async def notifier(self, stop: asyncio.Event) -> None:
         """Deliver `notify` webhooks, signed, with retries (at least once)."""
