@@ -108,6 +108,8 @@ class SenderService(Service[SenderSettings]):
         self._ledger: HandOffLedger | None = None
         self._ledger_pool: asyncpg.Pool | None = None
         self._ready = asyncio.Event()
+        #: The next batch, claimed while the lanes send the current one's last jobs.
+        self._claim_ahead: asyncio.Task[tuple[list[asyncpg.Record], list[Job]]] | None = None
 
     def default_mailbox(self, tenant_id: str) -> Mailbox:
         """The deployment's own identity (SMTP_* settings), for tenants without mailboxes."""
@@ -196,25 +198,44 @@ class SenderService(Service[SenderSettings]):
         loop = asyncio.get_running_loop()
         last_recovery = 0.0
         backoff = 0.1
-        while not stop.is_set():
-            self._ready.clear()
-            try:
-                if loop.time() - last_recovery > min(1.0, settings.lease_seconds / 3):
-                    await self._recover()
-                    last_recovery = loop.time()
-                claimed = await self._dispatch_batch(stop)
-                backoff = 0.1
-            except Exception as exc:
-                if is_transient(exc):
-                    log.warning("dispatcher: %r", exc)
-                else:
-                    log.exception("dispatcher round failed")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if claimed < settings.dispatch_batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ready.wait(), settings.dispatch_idle_seconds)
+        try:
+            while not stop.is_set():
+                self._ready.clear()
+                try:
+                    if loop.time() - last_recovery > min(1.0, settings.lease_seconds / 3):
+                        await self._recover()
+                        last_recovery = loop.time()
+                    claimed = await self._dispatch_batch(stop)
+                    backoff = 0.1
+                except Exception as exc:
+                    if is_transient(exc):
+                        log.warning("dispatcher: %r", exc)
+                    else:
+                        log.exception("dispatcher round failed")
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if claimed < settings.dispatch_batch:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._ready.wait(), settings.dispatch_idle_seconds)
+        finally:
+            await self._give_back_claimed_ahead()
+
+    async def _give_back_claimed_ahead(self) -> None:
+        """A batch claimed ahead and not started when the sender stops goes back to the
+        queue at once, rather than when its leases expire."""
+        ahead, self._claim_ahead = self._claim_ahead, None
+        if ahead is None:
+            return
+        try:
+            _, jobs = await ahead
+        except Exception:
+            return  # its transaction rolled back: nothing was claimed
+        keys = [job.row["delivery_key"] for job in jobs]
+        try:
+            await repo.release_claims(self.pool, keys, self.instance_id)
+        except Exception as exc:  # the leases expire instead
+            log.warning("could not give back %d claimed deliveries: %r", len(keys), exc)
 
     async def _recover(self) -> None:
         now = self.clock.now()
@@ -243,14 +264,8 @@ class SenderService(Service[SenderSettings]):
                 return 0
             limit = grant.granted
             deadline = loop.time() + grant.seconds_left
-        now = self.clock.now()
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await repo.claim_ready(
-                conn, now, limit, settings.lease_seconds, self.instance_id
-            )
-            jobs = await self._plan(conn, rows, now)
-        if len(jobs) < len(rows):
-            self.wake_relay()
+        ahead, self._claim_ahead = self._claim_ahead, None
+        rows, jobs = await (ahead if ahead is not None else self._claim(limit))
         if grant is not None:
             handing = [job for job in jobs if not job.dry_run]
             if grant.granted > len(handing):
@@ -259,12 +274,38 @@ class SenderService(Service[SenderSettings]):
                 job.rate_second, job.rate_deadline = grant.second, deadline
         # The lanes take the batch's jobs from one queue, each its next when it is
         # ready for it, so they run out of work together rather than some idling
-        # while another finishes a longer share.
-        queue = iter(jobs)
+        # while another finishes a longer share. A full batch suggests more is ready:
+        # once its last job is taken, the next batch is claimed while the lanes send
+        # (not under a global rate, whose grants are per second).
+        full = grant is None and len(rows) >= limit
+        queue = self._queue(jobs, stop, claim_next=limit if full else 0)
         await asyncio.gather(
             *(self._run_lane(pool, queue, stop) for pool in self.lanes[: len(jobs)])
         )
+        if stop.is_set():  # the jobs no lane took go back to the queue
+            left = [job.row["delivery_key"] for job in queue]
+            if left:
+                await repo.release_claims(self.pool, left, self.instance_id)
         return len(rows)
+
+    async def _claim(self, limit: int) -> tuple[list[asyncpg.Record], list[Job]]:
+        """Claim up to ``limit`` ready deliveries and plan them, in one transaction."""
+        now = self.clock.now()
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await repo.claim_ready(
+                conn, now, limit, self.settings.lease_seconds, self.instance_id
+            )
+            jobs = await self._plan(conn, rows, now)
+        if len(jobs) < len(rows):
+            self.wake_relay()
+        return rows, jobs
+
+    def _queue(self, jobs: list[Job], stop: asyncio.Event, *, claim_next: int) -> Iterator[Job]:
+        """The batch's jobs for the lanes to take; once the last is taken, the claim
+        of ``claim_next`` more starts (0: none)."""
+        yield from jobs
+        if claim_next and not stop.is_set() and self._claim_ahead is None:
+            self._claim_ahead = asyncio.create_task(self._claim(claim_next))
 
     async def _plan(
         self, conn: asyncpg.Connection, rows: list[asyncpg.Record], now: Any
@@ -361,16 +402,19 @@ class SenderService(Service[SenderSettings]):
                 upcoming = await self._next_ready(lane, queue, stop)
                 await self._hand_off(lane, current, upcoming)
                 current = upcoming
-            # Left unsent once stopping: the claims expire and another sender takes them.
+            if current is not None:  # stopping: the job prepared next goes back
+                await self._give_back(current.job.row["delivery_key"])
         finally:
             await lane.recorded()
 
     async def _next_ready(
         self, lane: Lane, queue: Iterator[Job], stop: asyncio.Event
     ) -> Ready | None:
-        """The next job with a message to hand over; the others' outcomes recorded."""
-        for job in queue:
-            if stop.is_set():
+        """The next job with a message to hand over; the others' outcomes recorded.
+        None once the queue is empty or the sender stops (the job is left in it)."""
+        while not stop.is_set():
+            job = next(queue, None)
+            if job is None:
                 return None
             ready = await self._prepare(lane, job)
             if ready is not None:

@@ -98,6 +98,20 @@ async def suppressed_addresses(
     return {(r["tenant_id"], r["email"]) for r in rows}
 
 
+async def release_claims(pool: asyncpg.Pool, keys: list[str], owner: str) -> int:
+    """Give claimed deliveries that were not handed off back to the queue: those still
+    ours; how many."""
+    released = await pool.fetch(
+        "UPDATE deliveries SET status = 'queued', claimed_by = NULL, lease_until = NULL,"
+        " updated_at = clock_timestamp()"
+        " WHERE delivery_key = ANY($1::text[]) AND claimed_by = $2 AND status = 'claimed'"
+        " RETURNING 1",
+        keys,
+        owner,
+    )
+    return len(released)
+
+
 async def release_claim(pool: asyncpg.Pool, key: str, owner: str) -> bool:
     """Give a claimed delivery that was not handed off back to the queue (no attempt
     counted); False when it is no longer ours."""

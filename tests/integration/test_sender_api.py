@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -735,3 +736,41 @@ async def test_a_slow_message_holds_up_its_lane_only_not_the_batchs_other_jobs(
     # job went out on the other lane (split in halves, ten would have waited).
     late = [t - times[0] for t in times if t - times[0] >= 1.5]
     assert len(late) == 2, " ".join(f"{t - times[0]:.3f}" for t in times)
+
+
+async def test_the_next_batch_is_claimed_while_the_lanes_send_and_given_back_on_stop(
+    start_sender: StartSender,
+    smtp: ScriptedSmtp,
+    publish: Callable[[Event], Awaitable[None]],
+    database_url: str,
+) -> None:
+    """Once a full batch's last job is taken, the next batch is claimed while the
+    lanes still send: they find it ready. A batch claimed ahead and not started when
+    the sender stops goes straight back to the queue."""
+    sender = await start_sender(concurrency=2, dispatch_batch=10)
+    pg = await asyncpg.connect(database_url)
+    smtp.stall_next(4.0)
+    due_at = datetime.now(UTC) + timedelta(seconds=2)
+    for i in range(25):
+        await publish(step_due(f"ahead{i}@example.org").model_copy(update={"due_at": due_at}))
+
+    async def counts() -> dict[str, int]:
+        rows = await pg.fetch("SELECT status, count(*) AS n FROM sender.deliveries GROUP BY 1")
+        return {r["status"]: r["n"] for r in rows}
+
+    async def claimed_ahead() -> dict[str, int] | None:
+        now = await counts()
+        # One lane's message is stalled at the server; the other lane sent the rest of
+        # the first batch, and the second batch is claimed (nothing of it queued).
+        return now if now.get("sending") == 1 and now.get("queued") == 5 else None
+
+    seen = await eventually(claimed_ahead, "the second batch claimed ahead", timeout=15)
+    # The first batch: 8 sent and 2 on the stalled lane (its message and the next it
+    # prepared); the second batch: 10 claimed.
+    assert seen == {"sent": 8, "sending": 1, "claimed": 11, "queued": 5}, seen
+    await sender.stop()
+    after = await counts()
+    # The stalled lane finished its message; what it had prepared, and the batch
+    # claimed ahead, went back to the queue (no lease to wait out).
+    await pg.close()
+    assert after == {"sent": 9, "queued": 16}, after
