@@ -115,14 +115,7 @@ async def release_claims(pool: asyncpg.Pool, keys: list[str], owner: str) -> int
 async def release_claim(pool: asyncpg.Pool, key: str, owner: str) -> bool:
     """Give a claimed delivery that was not handed off back to the queue (no attempt
     counted); False when it is no longer ours."""
-    released = await pool.fetchval(
-        "UPDATE deliveries SET status = 'queued', claimed_by = NULL, lease_until = NULL,"
-        " updated_at = clock_timestamp()"
-        " WHERE delivery_key = $1 AND claimed_by = $2 AND status = 'claimed' RETURNING 1",
-        key,
-        owner,
-    )
-    return released is not None
+    return await release_claims(pool, [key], owner) == 1
 
 
 async def finish(
