@@ -47,6 +47,8 @@ class Job:
     row: asyncpg.Record
     mailbox: Mailbox
     dry_run: bool
+    #: The cap counters (scope, window start) its claim counted it under.
+    reserved: tuple[tuple[str, datetime], ...] = ()
     #: Under a global rate: the wall-clock second (database time) this job's hand-off
     #: was granted in, and the event-loop time at which that second is over here.
     rate_second: datetime | None = None
@@ -231,11 +233,10 @@ class SenderService(Service[SenderSettings]):
             _, jobs = await ahead
         except Exception:
             return  # its transaction rolled back: nothing was claimed
-        keys = [job.row["delivery_key"] for job in jobs]
         try:
-            await repo.release_claims(self.pool, keys, self.instance_id)
+            await self._give_back(jobs)
         except Exception as exc:  # the leases expire instead
-            log.warning("could not give back %d claimed deliveries: %r", len(keys), exc)
+            log.warning("could not give back %d claimed deliveries: %r", len(jobs), exc)
 
     async def _recover(self) -> None:
         now = self.clock.now()
@@ -283,9 +284,7 @@ class SenderService(Service[SenderSettings]):
             *(self._run_lane(pool, queue, stop) for pool in self.lanes[: len(jobs)])
         )
         if stop.is_set():  # the jobs no lane took go back to the queue
-            left = [job.row["delivery_key"] for job in queue]
-            if left:
-                await repo.release_claims(self.pool, left, self.instance_id)
+            await self._give_back(list(queue))
         return len(rows)
 
     async def _claim(self, limit: int) -> tuple[list[asyncpg.Record], list[Job]]:
@@ -348,9 +347,10 @@ class SenderService(Service[SenderSettings]):
                         f"deferred: mailbox {mailbox.email} reached its {full.label}",
                     )
                     continue
+            reserved = () if is_dry else tuple((s.scope, s.window_start) for s in scopes)
             if mailbox.id is not None:
                 await repo.set_mailbox(conn, row["delivery_key"], mailbox.id)
-            jobs.append(Job(row, mailbox, is_dry))
+            jobs.append(Job(row, mailbox, is_dry, reserved))
         return jobs
 
     async def _reserve(
@@ -403,7 +403,7 @@ class SenderService(Service[SenderSettings]):
                 await self._hand_off(lane, current, upcoming)
                 current = upcoming
             if current is not None:  # stopping: the job prepared next goes back
-                await self._give_back(current.job.row["delivery_key"])
+                await self._give_back([current.job])
         finally:
             await lane.recorded()
 
@@ -481,7 +481,7 @@ class SenderService(Service[SenderSettings]):
         to the first transport when it is that message's first transport too."""
         job, built, transports = ready.job, ready.built, ready.transports
         if job.rate_deadline is not None and asyncio.get_running_loop().time() >= job.rate_deadline:
-            await self._give_back(job.row["delivery_key"])  # its second of the global rate is over
+            await self._give_back([job])  # its second of the global rate is over
             return
         ahead = (
             upcoming.built
@@ -523,7 +523,7 @@ class SenderService(Service[SenderSettings]):
             except HandOffRefused:
                 # Cancelled, taken over after our claim expired, or its second of the
                 # global rate is over: nothing was handed over.
-                await self._give_back(key)
+                await self._give_back([job])
                 return
             except HandOffUncertain as exc:
                 # It may have been accepted: never sent again, here or elsewhere.
@@ -566,9 +566,15 @@ class SenderService(Service[SenderSettings]):
             row, attempt, reason, failures[-1][1].code if failures else None, retry_after or None
         )
 
-    async def _give_back(self, key: str) -> None:
-        """A claimed delivery not handed off goes back to the queue, if still ours."""
-        if await repo.release_claim(self.pool, key, self.instance_id):
+    async def _give_back(self, jobs: list[Job]) -> None:
+        """Claimed deliveries not handed off go back to the queue (those still ours),
+        and what their claim counted under caps is taken back: they were not sent."""
+        if not jobs:
+            return
+        keys = [job.row["delivery_key"] for job in jobs]
+        released = await repo.release_claims(self.pool, keys, self.instance_id)
+        await repo.unreserve(self.pool, [r for job in jobs for r in job.reserved])
+        if released:
             self._ready.set()
 
     def _record_sent(

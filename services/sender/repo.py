@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -112,10 +113,22 @@ async def release_claims(pool: asyncpg.Pool, keys: list[str], owner: str) -> int
     return len(released)
 
 
-async def release_claim(pool: asyncpg.Pool, key: str, owner: str) -> bool:
-    """Give a claimed delivery that was not handed off back to the queue (no attempt
-    counted); False when it is no longer ours."""
-    return await release_claims(pool, [key], owner) == 1
+async def unreserve(
+    conn: asyncpg.Connection | asyncpg.Pool, reservations: Sequence[tuple[str, datetime]]
+) -> None:
+    """Take back sends counted under caps (``reserve``) for deliveries not sent after
+    all; each (scope, window start) once per send it counted."""
+    if not reservations:
+        return
+    counts = Counter(reservations)
+    await conn.execute(
+        "UPDATE send_counters AS c SET count = greatest(c.count - u.n, 0)"
+        " FROM unnest($1::text[], $2::timestamptz[], $3::int[]) AS u(scope, window_start, n)"
+        " WHERE c.scope = u.scope AND c.window_start = u.window_start",
+        [scope for scope, _ in counts],
+        [window_start for _, window_start in counts],
+        list(counts.values()),
+    )
 
 
 async def finish(
