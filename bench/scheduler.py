@@ -246,12 +246,10 @@ async def _emit(pool: asyncpg.Pool, now: datetime, loops: int) -> dict[str, Any]
     return {"seconds": elapsed, "claimed": claimed, "emitted": emitted, "rounds": rounds}
 
 
-async def _relay(
-    dsn: str, kafka: str, pool: asyncpg.Pool, expected: int, partitions: int
-) -> dict[str, float]:
+async def _relay(dsn: str, kafka: str, expected: int, partitions: int) -> dict[str, float]:
     broker = new_broker(kafka, "touchstream-nurture")
     await broker.start()
-    relay = OutboxRelay(dsn, "nurture", pool, broker)
+    relay = OutboxRelay(dsn, "nurture", broker)
     stop = asyncio.Event()
     try:
         started = time.perf_counter()
@@ -441,7 +439,7 @@ async def run(
                 result["emit"] = await _emit(pool, t0 + timedelta(hours=1), loops)
             result["timings"] = timings
             result["relay"] = await _relay(
-                database_url, kafka, pool, result["emit"]["emitted"], partitions
+                database_url, kafka, result["emit"]["emitted"], partitions
             )
         finally:
             await pool.close()

@@ -75,7 +75,6 @@ class OutboxRelay:
         self,
         dsn: str,
         schema: str,
-        pool: asyncpg.Pool,
         broker: KafkaBroker,
         *,
         batch_size: int = 1000,
@@ -85,7 +84,6 @@ class OutboxRelay:
     ) -> None:
         self.dsn = dsn
         self.schema = schema
-        self.pool = pool
         self.broker = broker
         self.batch_size = batch_size
         self.idle_seconds = idle_seconds
@@ -157,10 +155,9 @@ class OutboxRelay:
             self.is_leader = False
             await conn.close()
 
-    async def publish_batch(self, conn: asyncpg.Connection | None = None) -> int:
-        """Publish the oldest unpublished rows (on ``conn``, else the pool's)."""
-        db: asyncpg.Connection | asyncpg.Pool = conn if conn is not None else self.pool
-        rows = await db.fetch(UNPUBLISHED, self.batch_size)
+    async def publish_batch(self, conn: asyncpg.Connection) -> int:
+        """Publish the oldest unpublished rows, on the leader's connection."""
+        rows = await conn.fetch(UNPUBLISHED, self.batch_size)
         if not rows:
             return 0
         await publish_all(
@@ -175,7 +172,7 @@ class OutboxRelay:
                 for r in rows
             ],
         )
-        await db.execute(PUBLISHED, [r["id"] for r in rows])
+        await conn.execute(PUBLISHED, [r["id"] for r in rows])
         self.published += len(rows)
         return len(rows)
 

@@ -162,7 +162,7 @@ class Service(Generic[S]):
             raise StartupError(
                 f"cannot start Kafka clients on {settings.kafka_bootstrap_servers}: {exc!r}"
             ) from exc
-        self.relay = OutboxRelay(settings.database_url, self.name, self.pool, self.broker)
+        self.relay = OutboxRelay(settings.database_url, self.name, self.broker)
         self._spawn(self.relay.run(self.stop_event), "outbox-relay")
         for loop in self.background_loops():
             self._spawn(loop(self.stop_event), getattr(loop, "__name__", "loop"))

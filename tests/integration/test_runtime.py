@@ -114,7 +114,7 @@ async def test_relay_publishes_committed_rows_in_order_and_one_relay_leads(
     broker = new_broker(kafka_bootstrap, "test-relay")
     await broker.start()
     stop = asyncio.Event()
-    relays = [OutboxRelay(database_url, "svc", pool, broker, batch_size=50) for _ in range(2)]
+    relays = [OutboxRelay(database_url, "svc", broker, batch_size=50) for _ in range(2)]
     tasks = [asyncio.create_task(r.run(stop)) for r in relays]
     try:
         events = [_lead("same@example.com") for _ in range(120)]
@@ -218,7 +218,7 @@ async def test_the_relays_statements_look_rows_up_by_index_on_a_grown_outbox(
     use the indexes once it has grown, not scan the whole table at every batch."""
     from services.runtime.outbox import PUBLISHED, UNPUBLISHED
 
-    relay = OutboxRelay(database_url, "svc", pool, new_broker("127.0.0.1:1", "unused"))
+    relay = OutboxRelay(database_url, "svc", new_broker("127.0.0.1:1", "unused"))
     conn = await relay.connect()
     try:
         insert = (
