@@ -195,6 +195,8 @@ class EventConsumer:
         after_commit: AfterCommit | None = None,
         max_batch: int = 500,
         session_timeout_ms: int = 10_000,
+        fetch_max_wait_ms: int = 500,
+        poll_timeout_ms: int = 20,
         dlq_limit_ratio: float = 0.95,
         dlq_limit_window: int = 1000,
         on_fatal: Callable[[BaseException], None] | None = None,
@@ -230,7 +232,10 @@ class EventConsumer:
             group_id=self.group_id,
             batch=True,
             max_records=max_batch,
-            batch_timeout_ms=100,
+            # An empty poll waits this long and then faststream sleeps as long again:
+            # the delay before an idle consumer sees its first record.
+            batch_timeout_ms=poll_timeout_ms,
+            fetch_max_wait_ms=fetch_max_wait_ms,
             ack_policy=AckPolicy.MANUAL,
             auto_offset_reset="earliest",
             session_timeout_ms=session_timeout_ms,

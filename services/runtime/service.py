@@ -150,6 +150,8 @@ class Service(Generic[S]):
                 after_commit=self._after_commit,
                 max_batch=settings.kafka_max_batch,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
+                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+                poll_timeout_ms=settings.kafka_poll_timeout_ms,
                 dlq_limit_ratio=settings.dlq_limit_ratio,
                 dlq_limit_window=settings.dlq_limit_window,
                 on_fatal=self._on_fatal,

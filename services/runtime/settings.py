@@ -30,6 +30,18 @@ class CommonSettings(BaseSettings):
         default=10_000, ge=1_000, validation_alias="KAFKA_SESSION_TIMEOUT_MS"
     )
     kafka_max_batch: int = Field(default=500, ge=1, validation_alias="KAFKA_MAX_BATCH")
+    #: How long the broker may hold a fetch that finds no new record (the client's
+    #: long poll). Shorter: a record reaches an idle consumer sooner, for a few more
+    #: empty fetches while idle.
+    kafka_fetch_max_wait_ms: int = Field(
+        default=500, ge=1, le=10_000, validation_alias="KAFKA_FETCH_MAX_WAIT_MS"
+    )
+    #: How long an idle consumer waits on its fetcher for a record before polling
+    #: again. faststream also pauses this long after an empty poll, so a record that
+    #: reaches an idle consumer may wait up to twice this before it is applied.
+    kafka_poll_timeout_ms: int = Field(
+        default=20, ge=1, le=10_000, validation_alias="KAFKA_POLL_TIMEOUT_MS"
+    )
     #: Partitions of a fetched batch applied side by side, each in its own transaction.
     kafka_consumer_concurrency: int = Field(
         default=2, ge=1, le=64, validation_alias="KAFKA_CONSUMER_CONCURRENCY"
@@ -95,6 +107,12 @@ class SenderSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="SENDER_", extra="ignore", populate_by_name=True)
 
     http_port: int = 8083
+    #: StepDue is a send's last hop: at a launch, or whenever a step falls due, the
+    #: sender's idle consumer should not wait out the broker's long poll (a broker
+    #: that does not answer a fetch early holds it for up to this long).
+    kafka_fetch_max_wait_ms: int = Field(
+        default=100, ge=1, le=10_000, validation_alias="KAFKA_FETCH_MAX_WAIT_MS"
+    )
     smtp_host: str = Field(default="127.0.0.1", validation_alias="SMTP_HOST")
     smtp_port: int = Field(default=1025, validation_alias="SMTP_PORT")
     smtp_username: str | None = Field(default=None, validation_alias="SMTP_USERNAME")
