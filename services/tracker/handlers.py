@@ -249,6 +249,7 @@ async def handle_email_outcome(
 
 async def _register_sent(conn: asyncpg.Connection, sent: list[EmailSent], now: datetime) -> None:
     """Register sent messages; replies parked while waiting for them are taken now."""
+    await repo.lock_for_registering(conn)
     await repo.register_messages(conn, sent)
     waiting = await repo.take_parked_events(
         conn,
@@ -280,9 +281,14 @@ async def process_inbound(
     received_at: datetime,
     message: asyncpg.Record | None = None,
     source: str = "inbound",
+    locked: bool = False,
 ) -> None:
     """A bounce (or a delay notice), an automatic answer, or a person's reply (maybe
-    asking to be removed), attributed to the message it answers."""
+    asking to be removed), attributed to the message it answers.
+
+    Before parking mail whose message is not registered yet, it takes the park lock
+    (``repo.PARK_LOCK``) and looks once more (``locked``): a registration in flight
+    has committed by then."""
     inbound = domain.parse_inbound(raw)
     bounce = mailparse.parse_bounce(raw)
     if bounce is not None:
@@ -297,6 +303,12 @@ async def process_inbound(
             if bounce.original_message_id:
                 # The message it reports may not be registered yet (a fast DSN): keep it
                 # until it is, as a reply would be kept.
+                if not locked:
+                    await repo.lock_for_parking(conn)
+                    await process_inbound(
+                        conn, raw, received_at=received_at, source=source, locked=True
+                    )
+                    return
                 await repo.park_reply(
                     conn,
                     inbound.reply_key,
@@ -362,6 +374,12 @@ async def process_inbound(
         if inbound.referenced:
             # The message it answers may not be registered yet; keep it until it is
             # (or until it expires, domain.PARKED_REPLY_TTL).
+            if not locked:
+                await repo.lock_for_parking(conn)
+                await process_inbound(
+                    conn, raw, received_at=received_at, source=source, locked=True
+                )
+                return
             await repo.park_reply(
                 conn,
                 inbound.reply_key,
@@ -438,9 +456,14 @@ def _provider_events(event: WebhookReceived) -> list[webhooks.NormalizedEvent]:
 
 
 async def apply_provider_events(
-    conn: asyncpg.Connection, events: list[webhooks.NormalizedEvent], now: datetime
+    conn: asyncpg.Connection,
+    events: list[webhooks.NormalizedEvent],
+    now: datetime,
+    locked: bool = False,
 ) -> None:
-    """Attribute a batch of provider events in bulk, then record each once."""
+    """Attribute a batch of provider events in bulk, then record each once. Events
+    naming a message not registered yet are looked up once more under the park lock
+    (``repo.PARK_LOCK``) before they are parked."""
     wanted = [e for e in events if e.type in _PROVIDER_TYPES or e.type == "deferred"]
     if not wanted:
         return
@@ -452,6 +475,7 @@ async def apply_provider_events(
         [e.email for e in wanted if e.email],
     )
     unattributed = []
+    waiting: list[webhooks.NormalizedEvent] = []
     parked: list[tuple[str | None, str | None, str | None, dict[str, Any]]] = []
     for normalized in wanted:
         target = (
@@ -468,6 +492,7 @@ async def apply_provider_events(
             if normalized.delivery_key or normalized.message_id or normalized.provider_message_id:
                 # It names a message of ours not registered yet (its EmailSent is on
                 # its way): it waits for it.
+                waiting.append(normalized)
                 parked.append(
                     (
                         normalized.delivery_key,
@@ -488,7 +513,11 @@ async def apply_provider_events(
             )
             continue
         await _apply_provider_event(conn, normalized, target)
-    await repo.park_events(conn, parked, now)
+    if waiting and not locked:
+        await repo.lock_for_parking(conn)
+        await apply_provider_events(conn, waiting, now, locked=True)
+    else:
+        await repo.park_events(conn, parked, now)
     await repo.record_unattributed_many(conn, unattributed)
 
 

@@ -133,6 +133,23 @@ async def insert_engagement(
     return bool(inserted)
 
 
+#: Parking (inbound mail or a provider event naming a message not registered yet)
+#: takes this advisory lock exclusively, registering sent messages takes it shared:
+#: a park looks again once the registrations in flight have committed, and a
+#: registration's take of parked items sees every park committed before it.
+#: Without it, a reply arriving as its message registers could be parked after
+#: the registration looked, and wait there until it expired.
+PARK_LOCK = 0x7472_6B70_6172_6B  # "trkpark"
+
+
+async def lock_for_parking(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", PARK_LOCK)
+
+
+async def lock_for_registering(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", PARK_LOCK)
+
+
 async def park_reply(
     conn: asyncpg.Connection,
     reply_key: str,

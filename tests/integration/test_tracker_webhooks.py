@@ -37,7 +37,7 @@ from services.runtime import tokens
 from services.runtime.devstack import free_port
 from services.runtime.kafka import create_topics
 from services.runtime.settings import TrackerSettings
-from services.tracker import repo
+from services.tracker import handlers, repo
 from services.tracker.app import TrackerService
 from services.tracker.domain import PARKED_REPLY_TTL
 from services.tracker.webhooks import sns_string_to_sign
@@ -1694,3 +1694,40 @@ async def test_a_provider_event_ahead_of_its_message_waits_for_it(tracker: Track
         never.to_email,
     )
     assert gone["detail"]["delivery_key"] == never.delivery_key
+
+
+async def test_a_reply_arriving_as_its_message_registers_is_not_left_parked(
+    tracker: Tracker,
+) -> None:
+    """The reply's lookup runs while the message's registration is in flight (not
+    committed): without the park lock it parks after the registration took what was
+    parked, and waits there until it expires."""
+    message = sent("ines.moreau@example.com")
+    now = datetime.now(UTC)
+    registering = await tracker.pool.acquire()
+    replying = await tracker.pool.acquire()
+    try:
+        registration = registering.transaction()
+        await registration.start()
+        await handlers._register_sent(registering, [message], now)
+
+        async def reply() -> None:
+            async with replying.transaction():
+                await handlers.process_inbound(replying, raw_reply(message), received_at=now)
+
+        answering = asyncio.create_task(reply())
+        await asyncio.sleep(0.5)
+        assert not answering.done()  # it waits for the registration to commit
+        await registration.commit()
+        await asyncio.wait_for(answering, 10)
+    finally:
+        await tracker.pool.release(registering)
+        await tracker.pool.release(replying)
+    assert await tracker.pool.fetchval("SELECT count(*) FROM parked_replies") == 0
+    assert (
+        await tracker.pool.fetchval(
+            "SELECT count(*) FROM engagement_events WHERE message_id = $1 AND type = 'replied'",
+            message.message_id,
+        )
+        == 1
+    )
