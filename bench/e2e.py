@@ -279,8 +279,8 @@ def main() -> None:
     # Two sender replicas (the same consumer group; claims by SKIP LOCKED) share the
     # connections: one process's event loop, building and sending for every lane, is
     # the pipeline's one serial part, and the kernel often takes its core away for
-    # PostgreSQL or the sink. With 32 lanes in all, two processes gave 0.55-0.68 of
-    # the ceiling and one 0.54-0.64 (2026-12-02).
+    # PostgreSQL or the sink. With 32 lanes in all, two processes gave 0.51-0.68 of
+    # the ceiling (median 0.645) and one 0.54-0.64 (2026-12-02).
     parser.add_argument("--senders", type=int, default=2, help="sender processes")
     args = parser.parse_args()
     r = asyncio.run(run(args.leads, args.connections, args.senders))

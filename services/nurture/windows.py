@@ -267,11 +267,11 @@ ALWAYS_OPEN = SendWindow(always_open=True)
 
 @lru_cache(maxsize=512)
 def _holiday_dates(country: str, year: int) -> frozenset[date]:
-    """Public holidays (including observed/substitute days) of ``country`` in ``year``."""
-    try:
-        calendar = holidays.country_holidays(country, years=year)
-    except NotImplementedError as exc:
-        raise WindowInvalid(f"holidays: no holiday calendar for country {country!r}") from exc
+    """Public holidays (including observed/substitute days) of ``country`` in ``year``.
+
+    ``country`` has passed ``_check_country`` (a window checks its own and a lead's):
+    the library has a calendar for it."""
+    calendar = holidays.country_holidays(country, years=year)
     return frozenset(d for d in calendar if d.year == year)
 
 

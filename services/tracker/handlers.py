@@ -274,6 +274,14 @@ async def _register_sent(conn: asyncpg.Connection, sent: list[EmailSent], now: d
 # ------------------------------------------------------------------ inbound mail
 
 
+async def _look_again_before_parking(
+    conn: asyncpg.Connection, raw: bytes, received_at: datetime, source: str
+) -> None:
+    """Under the park lock, registrations in flight have committed: look once more."""
+    await repo.lock_for_parking(conn)
+    await process_inbound(conn, raw, received_at=received_at, source=source, locked=True)
+
+
 async def process_inbound(
     conn: asyncpg.Connection,
     raw: bytes,
@@ -304,10 +312,7 @@ async def process_inbound(
                 # The message it reports may not be registered yet (a fast DSN): keep it
                 # until it is, as a reply would be kept.
                 if not locked:
-                    await repo.lock_for_parking(conn)
-                    await process_inbound(
-                        conn, raw, received_at=received_at, source=source, locked=True
-                    )
+                    await _look_again_before_parking(conn, raw, received_at, source)
                     return
                 await repo.park_reply(
                     conn,
@@ -375,10 +380,7 @@ async def process_inbound(
             # The message it answers may not be registered yet; keep it until it is
             # (or until it expires, domain.PARKED_REPLY_TTL).
             if not locked:
-                await repo.lock_for_parking(conn)
-                await process_inbound(
-                    conn, raw, received_at=received_at, source=source, locked=True
-                )
+                await _look_again_before_parking(conn, raw, received_at, source)
                 return
             await repo.park_reply(
                 conn,
